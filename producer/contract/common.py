@@ -1,0 +1,138 @@
+"""Names, limits, statuses and the structured error shared by producer and workers.
+
+This module and its siblings in ``producer.contract`` are the only code both sides
+import. Everything that crosses Redis is JSON built from these models.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import Enum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = [
+    "PROTOCOL_VERSION", "TASK_EMBED", "TASK_CLASSIFY", "TASK_GENERATE", "TASK_TRAIN",
+    "QUEUE_PREFIX", "TRAINING_QUEUE", "ModelKind", "TASK_FOR_KIND", "MODEL_NAME_PATTERN",
+    "inference_queue", "Limits", "JobStatus", "CELERY_STATE_TO_STATUS", "ErrorCode",
+    "JobError", "WireModel",
+]
+
+PROTOCOL_VERSION = 1
+
+#: Celery task names. A producer sends by name and never imports worker code.
+TASK_EMBED = "fleet.embed"
+TASK_CLASSIFY = "fleet.classify"
+TASK_GENERATE = "fleet.generate"
+TASK_TRAIN = "fleet.train"
+
+#: Queue prefix. Inference jobs go to one queue per served model,
+#: ``fleet.<kind>.<model>``, so that a job reaches only workers that hold its model.
+QUEUE_PREFIX = "fleet"
+#: Training jobs have one queue of their own, consumed only by ``fleet worker --train``.
+TRAINING_QUEUE = "fleet.training"
+
+
+class ModelKind(str, Enum):
+    """What an inference model does; each kind has its own task and request shape."""
+
+    EMBED = "embed"
+    CLASSIFY = "classify"
+    GENERATE = "generate"
+
+
+TASK_FOR_KIND: dict[ModelKind, str] = {
+    ModelKind.EMBED: TASK_EMBED,
+    ModelKind.CLASSIFY: TASK_CLASSIFY,
+    ModelKind.GENERATE: TASK_GENERATE,
+}
+
+MODEL_NAME_PATTERN = r"^[a-z0-9][a-z0-9_\-]{0,63}$"
+_MODEL_NAME_RE = re.compile(MODEL_NAME_PATTERN)
+
+
+def inference_queue(kind: ModelKind | str, model: str) -> str:
+    """Return the Redis queue (list) name for jobs of ``kind`` on ``model``.
+
+    Raises ``ValueError`` for a model name outside ``MODEL_NAME_PATTERN``.
+    """
+    if not _MODEL_NAME_RE.match(model):
+        raise ValueError(f"model name {model!r} does not match {MODEL_NAME_PATTERN}")
+    return f"{QUEUE_PREFIX}.{ModelKind(kind).value}.{model}"
+
+
+class Limits:
+    """Input limits, enforced by the client before enqueue and by the worker again."""
+
+    MAX_TEXTS_PER_JOB = 256
+    MAX_CHARS_PER_TEXT = 8_192
+    MAX_PROMPT_CHARS = 8_192
+    MAX_NEW_TOKENS = 512
+    MAX_STOP_STRINGS = 8
+    MAX_LABELS_RETURNED = 32
+    #: A whole serialized payload may not exceed this many bytes (defence in depth).
+    MAX_PAYLOAD_BYTES = 4 * 1024 * 1024
+
+
+class JobStatus(str, Enum):
+    """Life cycle of a job as the client reports it."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    EXPIRED = "expired"
+    RETRYING = "retrying"
+    UNKNOWN = "unknown"
+
+    @property
+    def finished(self) -> bool:
+        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.EXPIRED)
+
+
+#: Celery result-backend state -> JobStatus. ``PROGRESS`` is Fleet's custom running state.
+CELERY_STATE_TO_STATUS: dict[str, JobStatus] = {
+    "PENDING": JobStatus.QUEUED,
+    "RECEIVED": JobStatus.QUEUED,
+    "STARTED": JobStatus.RUNNING,
+    "PROGRESS": JobStatus.RUNNING,
+    "RETRY": JobStatus.RETRYING,
+    "SUCCESS": JobStatus.SUCCEEDED,
+    "FAILURE": JobStatus.FAILED,
+    "REVOKED": JobStatus.CANCELLED,
+}
+
+
+class ErrorCode(str, Enum):
+    """Machine-readable reason a job failed. Stable: clients branch on these."""
+
+    INVALID_INPUT = "invalid_input"
+    UNKNOWN_MODEL = "unknown_model"
+    WRONG_MODEL_KIND = "wrong_model_kind"
+    UNSUPPORTED_PROTOCOL = "unsupported_protocol"
+    CANCELLED = "cancelled"
+    DEADLINE_EXCEEDED = "deadline_exceeded"
+    OUT_OF_MEMORY = "out_of_memory"
+    MODEL_ERROR = "model_error"
+    INTERNAL = "internal"
+
+
+class JobError(BaseModel):
+    """The structured error carried by a FAILURE result."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    code: ErrorCode
+    message: str
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
+class WireModel(BaseModel):
+    """Base for wire models: unknown fields are refused, instances are immutable.
+
+    Fields that must not be coerced (texts, flags, counts) use pydantic's ``Strict*`` types.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)

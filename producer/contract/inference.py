@@ -1,0 +1,92 @@
+"""Request and result models for inference jobs (embed, classify, generate).
+
+A request is sent as the single positional argument of its task; a result is the
+task's return value. Both are plain JSON objects with exactly these fields.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+from pydantic import Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator
+
+from producer.contract.common import MODEL_NAME_PATTERN, PROTOCOL_VERSION, Limits, WireModel
+
+ModelName = Annotated[StrictStr, Field(pattern=MODEL_NAME_PATTERN)]
+Text = Annotated[StrictStr, Field(min_length=1, max_length=Limits.MAX_CHARS_PER_TEXT)]
+Probability = Annotated[float, Field(gt=0.0, le=1.0)]
+
+
+class EmbedRequest(WireModel):
+    """Embed ``texts`` with ``model``; vectors are mean-pooled and, if ``normalize``, L2-normalised."""
+
+    v: StrictInt = PROTOCOL_VERSION
+    texts: Annotated[list[Text], Field(min_length=1, max_length=Limits.MAX_TEXTS_PER_JOB)]
+    model: ModelName = "minilm"
+    normalize: StrictBool = True
+
+
+class EmbedResult(WireModel):
+    """One vector per input text, in input order. ``dim`` is the vector length."""
+
+    model: str
+    device: str
+    dim: int
+    vectors: list[list[float]]
+
+
+class ClassifyRequest(WireModel):
+    """Classify each of ``texts``; return the ``top_k`` labels with scores (softmax probabilities)."""
+
+    v: StrictInt = PROTOCOL_VERSION
+    texts: Annotated[list[Text], Field(min_length=1, max_length=Limits.MAX_TEXTS_PER_JOB)]
+    model: ModelName
+    top_k: Annotated[StrictInt, Field(ge=1, le=Limits.MAX_LABELS_RETURNED)] = 1
+
+
+class LabelScore(WireModel):
+    label: str
+    score: float
+
+
+class ClassifyResult(WireModel):
+    """For each input text, its labels sorted by descending score."""
+
+    model: str
+    device: str
+    predictions: list[list[LabelScore]]
+
+
+class GenerateRequest(WireModel):
+    """Continue ``prompt`` with up to ``max_new_tokens`` tokens.
+
+    ``temperature == 0`` means greedy decoding; otherwise sampling with ``top_p`` and ``seed``.
+    Generation stops early at the first of ``stop`` strings (excluded from the text).
+    """
+
+    v: StrictInt = PROTOCOL_VERSION
+    prompt: Annotated[StrictStr, Field(min_length=1, max_length=Limits.MAX_PROMPT_CHARS)]
+    model: ModelName
+    max_new_tokens: Annotated[StrictInt, Field(ge=1, le=Limits.MAX_NEW_TOKENS)] = 64
+    temperature: Annotated[StrictFloat | StrictInt, Field(ge=0.0, le=5.0)] = 0.0
+    top_p: Probability = 1.0
+    seed: Optional[StrictInt] = None
+    stop: Annotated[list[Text], Field(max_length=Limits.MAX_STOP_STRINGS)] = Field(default_factory=list)
+    stream: StrictBool = False
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("prompt must contain a non-whitespace character")
+        return value
+
+
+class GenerateResult(WireModel):
+    """The generated continuation (prompt excluded) and why generation ended."""
+
+    model: str
+    device: str
+    text: str
+    tokens_generated: int
+    finish_reason: str  # "length" | "stop" | "eos"

@@ -1,0 +1,30 @@
+"""Every Redis key Fleet itself reads or writes, in one place.
+
+Celery's own keys (queue lists ``fleet.<kind>.<model>``, results ``celery-task-meta-<id>``)
+are named by Celery and kombu; these are Fleet's additions beside them.
+"""
+
+from __future__ import annotations
+
+PREFIX = "fleet"
+
+#: Hash: model name -> JSON ``{"kind": ..., "queue": ...}`` of every model the fleet serves.
+CATALOG = f"{PREFIX}:catalog"
+
+#: Set of worker names that have sent a heartbeat; each has a ``worker_heartbeat`` key.
+WORKERS = f"{PREFIX}:workers"
+
+
+def job_record(job_id: str) -> str:
+    """Hash describing a submitted job (kind, model, queue, submitted_at). Expires with results."""
+    return f"{PREFIX}:job:{job_id}"
+
+
+def cancel_flag(job_id: str) -> str:
+    """String set when a job is cancelled; workers check it before and while running."""
+    return f"{PREFIX}:cancel:{job_id}"
+
+
+def worker_heartbeat(worker_name: str) -> str:
+    """JSON heartbeat of one worker, with a TTL: the key vanishes when the worker stops beating."""
+    return f"{PREFIX}:heartbeat:{worker_name}"

@@ -1,0 +1,25 @@
+"""Producer-side settings, read from the environment (standard names where one exists)."""
+
+from __future__ import annotations
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+class FleetSettings(BaseSettings):
+    """Settings both sides need to speak to the broker and result backend.
+
+    Durations are in seconds.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="FLEET_", extra="ignore", populate_by_name=True)
+
+    redis_url: str = Field(DEFAULT_REDIS_URL, validation_alias=AliasChoices("REDIS_URL", "FLEET_REDIS_URL"))
+    #: How long results (and Fleet's job records) stay in Redis.
+    result_expires_s: int = Field(24 * 3600, ge=60)
+    #: An unacked message returns to its queue after this long. Must exceed the longest job.
+    visibility_timeout_s: int = Field(12 * 3600, ge=60)
+    #: How long the client trusts its cached copy of the model catalog.
+    catalog_cache_s: float = Field(5.0, ge=0)

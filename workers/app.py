@@ -1,0 +1,33 @@
+"""The worker-side Celery app. Importing it loads no model and no torch (Flower imports it too)."""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from producer.celery_config import celery_config
+from workers.settings import WorkerSettings
+
+
+def worker_config(settings: WorkerSettings) -> dict:
+    """Fleet's shared wire config plus the settings that make GPU workers safe.
+
+    Late acks with reject-on-worker-lost: a job whose worker dies returns to the queue.
+    Prefetch 1: jobs stay in the Redis list (visible to autoscalers) until a thread is free.
+    """
+    config = celery_config(settings)
+    config.update({
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "task_acks_on_failure_or_timeout": True,
+        "worker_prefetch_multiplier": 1,
+        "worker_send_task_events": True,
+        "worker_hijack_root_logger": False,
+        "worker_redirect_stdouts": False,
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
+        "imports": ("workers.tasks",),
+    })
+    return config
+
+
+app = Celery("fleet")
+app.conf.update(worker_config(WorkerSettings()))

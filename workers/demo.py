@@ -1,0 +1,120 @@
+"""``fleet demo``: the whole path on a fresh machine, with nothing configured.
+
+Finds Redis at ``REDIS_URL`` (or the default) or starts an embedded one, starts one CPU
+worker process exactly as a user would (``fleet worker``), submits real embedding jobs,
+prints sentence similarities, and shuts everything down.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from contextlib import ExitStack
+
+import redis
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from producer import FleetClient
+from producer.settings import FleetSettings
+from workers.embedded_redis import RedisServer, redis_answers
+from workers.health import probe
+
+SENTENCES = [
+    "A man is playing a guitar on stage.",
+    "Someone performs music with a guitar.",
+    "The stock market fell sharply today.",
+    "Shares dropped as investors sold.",
+    "A cat sleeps on the warm windowsill.",
+    "The kitten naps in the sunshine by the window.",
+    "Rain is expected over the weekend.",
+    "The forecast says it will be wet on Saturday.",
+]
+WORKER_START_TIMEOUT_S = 180.0
+
+
+def start_worker(redis_url: str, name: str) -> subprocess.Popen:
+    """Start ``fleet worker --device cpu --models minilm`` as a child process."""
+    env = {**os.environ, "REDIS_URL": redis_url, "FLEET_LOG_LEVEL": os.environ.get("FLEET_LOG_LEVEL", "WARNING")}
+    command = [sys.executable, "-m", "workers.cli", "worker", "--device", "cpu", "--models", "minilm", "--name", name]
+    return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def wait_until_ready(redis_url: str, name: str, worker: subprocess.Popen, console: Console) -> None:
+    """Block until the worker's heartbeat says ready; raise if it exits or takes too long."""
+    client = redis.Redis.from_url(redis_url)
+    deadline = time.monotonic() + WORKER_START_TIMEOUT_S
+    with console.status("starting a CPU worker and loading all-MiniLM-L6-v2 ..."):
+        while time.monotonic() < deadline:
+            if worker.poll() is not None:
+                raise RuntimeError(f"worker exited with code {worker.returncode}:\n{worker.stderr.read()[-3000:]}")
+            ok, reason = probe(client, worker=name)
+            if ok:
+                console.print(f"[green]worker ready[/green]: {reason}")
+                return
+            time.sleep(0.2)
+    raise RuntimeError(f"worker not ready after {WORKER_START_TIMEOUT_S:.0f} s")
+
+
+def stop_worker(worker: subprocess.Popen) -> None:
+    """SIGTERM (graceful drain), then SIGKILL if it does not exit in time."""
+    if worker.poll() is None:
+        worker.send_signal(signal.SIGTERM)
+        try:
+            worker.wait(30)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait()
+
+
+def similarity_table(vectors: list[list[float]]) -> Table:
+    """Each sentence's nearest other sentence by cosine similarity (vectors are unit length)."""
+    table = Table(title="Nearest sentence by cosine similarity")
+    table.add_column("sentence")
+    table.add_column("nearest")
+    table.add_column("cosine", justify="right")
+    for i, vector in enumerate(vectors):
+        scores = [(sum(a * b for a, b in zip(vector, other)), j) for j, other in enumerate(vectors) if j != i]
+        best, j = max(scores)
+        table.add_row(SENTENCES[i], SENTENCES[j], f"{best:.3f}")
+    return table
+
+
+def run_demo() -> int:
+    """Run the demo; return the process exit code."""
+    console = Console()
+    redis_url = FleetSettings().redis_url
+    with ExitStack() as stack:
+        if redis_answers(redis_url):
+            console.print(f"using Redis at {redis_url}")
+        else:
+            server = RedisServer().start()
+            stack.callback(server.stop)
+            console.print(f"no Redis answered at {redis_url}; started an embedded redis-server at {server.url}")
+            redis_url = server.url
+        name = f"fleet-demo-{os.getpid()}"
+        worker = start_worker(redis_url, name)
+        stack.callback(stop_worker, worker)
+        wait_until_ready(redis_url, name, worker, console)
+
+        client = stack.enter_context(FleetClient(redis_url))
+        started = time.perf_counter()
+        handles = [client.embed([sentence]) for sentence in SENTENCES]
+        vectors: list[list[float]] = []
+        columns = (TextColumn("embedding jobs"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        with Progress(*columns, console=console) as progress:
+            task = progress.add_task("jobs", total=len(handles))
+            for handle in handles:
+                result = handle.result(timeout=60)
+                vectors.append(result.vectors[0])
+                progress.advance(task)
+        elapsed = time.perf_counter() - started
+        console.print(f"{len(handles)} jobs done in {elapsed * 1000:.0f} ms on {result.device}: "
+                      f"model {result.model}, {result.dim}-dimensional unit vectors")
+        console.print(similarity_table(vectors))
+        console.print("shutting down the worker" + (" and the embedded Redis" if redis_url != FleetSettings().redis_url else ""))
+    return 0

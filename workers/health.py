@@ -1,0 +1,100 @@
+"""Worker heartbeats in Redis, and the probe that reads them.
+
+A worker writes ``fleet:heartbeat:<name>`` (JSON, TTL a few intervals) from a background
+thread; ``fleet health`` exits 0 only if a fresh, ready heartbeat from this host exists.
+Nothing here imports torch: the probe must start fast.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from typing import Any, Callable
+
+import redis
+
+from producer import keys
+
+log = logging.getLogger(__name__)
+
+
+class Heartbeat:
+    """Publishes ``snapshot()`` every ``interval_s`` seconds until ``stop()``."""
+
+    def __init__(self, redis_client: redis.Redis, worker_name: str, snapshot: Callable[[], dict[str, Any]],
+                 interval_s: float, ttl_s: float):
+        self._redis = redis_client
+        self.worker_name = worker_name
+        self._snapshot = snapshot
+        self._interval_s = interval_s
+        self._ttl_ms = int(ttl_s * 1000)
+        self.ready = False
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="heartbeat", daemon=True)
+
+    def start(self) -> "Heartbeat":
+        self.beat()
+        self._thread.start()
+        return self
+
+    def beat(self) -> None:
+        """Write one heartbeat now. Redis errors are logged, never raised (the worker reconnects)."""
+        body = {**self._snapshot(), "name": self.worker_name, "ready": self.ready, "at": time.time()}
+        try:
+            with self._redis.pipeline(transaction=False) as pipe:
+                pipe.set(keys.worker_heartbeat(self.worker_name), json.dumps(body), px=self._ttl_ms)
+                pipe.sadd(keys.WORKERS, self.worker_name)
+                pipe.execute()
+        except redis.RedisError as exc:
+            log.warning("heartbeat to Redis failed: %s", exc)
+
+    def stop(self) -> None:
+        """Stop beating and remove the heartbeat so probes fail at once."""
+        self._stopped.set()
+        self.ready = False
+        try:
+            self._redis.delete(keys.worker_heartbeat(self.worker_name))
+            self._redis.srem(keys.WORKERS, self.worker_name)
+        except redis.RedisError as exc:
+            log.warning("could not remove heartbeat: %s", exc)
+
+    def _loop(self) -> None:
+        while not self._stopped.wait(self._interval_s):
+            self.beat()
+
+
+def read_heartbeats(redis_client: redis.Redis) -> list[dict[str, Any]]:
+    """Every live worker's heartbeat (expired ones are pruned from the worker set)."""
+    names = sorted(name.decode() for name in redis_client.smembers(keys.WORKERS))
+    if not names:
+        return []
+    bodies = redis_client.mget([keys.worker_heartbeat(name) for name in names])
+    alive = []
+    for name, body in zip(names, bodies):
+        if body is None:
+            redis_client.srem(keys.WORKERS, name)
+        else:
+            alive.append(json.loads(body))
+    return alive
+
+
+def probe(redis_client: redis.Redis, *, worker: str | None = None, host: str | None = None) -> tuple[bool, str]:
+    """Is a matching worker ready? Matches ``worker`` by node name (with or without ``@host``),
+    else every worker on ``host``.
+
+    Returns ``(ok, reason)``; ``host`` defaults to ``$HOSTNAME`` / the machine's hostname.
+    """
+    import socket
+
+    host = host or os.environ.get("HOSTNAME") or socket.gethostname()
+    beats = read_heartbeats(redis_client)
+    mine = [b for b in beats if (worker in (b["name"], b["name"].split("@")[0]) if worker else b.get("host") == host)]
+    if not mine:
+        return False, f"no heartbeat from {'worker ' + worker if worker else 'any worker on host ' + host}"
+    ready = [b for b in mine if b.get("ready")]
+    if not ready:
+        return False, f"{len(mine)} worker(s) alive but not ready (loading or draining)"
+    return True, ", ".join(f"{b['name']} ready on {b.get('device')} serving {','.join(b.get('models', []))}" for b in ready)

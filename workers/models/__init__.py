@@ -1,0 +1,1 @@
+"""Resident models: loaded once per worker process, after start, and kept on the device."""

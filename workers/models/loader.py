@@ -1,0 +1,44 @@
+"""Load a registry entry into a resident model of the right kind, with a load report."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from producer.contract import ModelKind
+from workers.models.base import LoadReport, memory_snapshot
+from workers.registry import ModelSpec
+
+log = logging.getLogger(__name__)
+
+
+def _implementation(kind: ModelKind):
+    if kind is ModelKind.EMBED:
+        from workers.models.embedder import Embedder
+
+        return Embedder
+    raise NotImplementedError(f"this worker build cannot serve {kind.value!r} models yet")
+
+
+def load_model(spec: ModelSpec, device: str):
+    """Load ``spec`` onto ``device``, warm it up, and return ``(model, LoadReport)``.
+
+    Raises whatever loading raised; the caller stops the worker rather than serve half the models.
+    """
+    started = time.perf_counter()
+    model = _implementation(spec.kind)(spec, device)
+    loaded = time.perf_counter()
+    model.warmup()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+    warmed = time.perf_counter()
+    parameters = sum(p.numel() for p in model.model.parameters())
+    report = LoadReport(model=spec.name, kind=spec.kind.value, device=device, dtype=str(model.dtype).removeprefix("torch."),
+                        load_s=loaded - started, warmup_s=warmed - loaded, parameters=parameters,
+                        **memory_snapshot(device))
+    log.info("loaded model %s (%s) on %s in %.2f s, warm-up %.2f s, %d parameters, rss %.0f MiB",
+             spec.name, spec.kind.value, device, report.load_s, report.warmup_s, parameters,
+             report.rss_bytes / 2**20)
+    return model, report

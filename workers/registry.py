@@ -1,0 +1,111 @@
+"""The model registry: which models exist, where their weights live and how to serve them.
+
+Read from one TOML file (``FLEET_MODEL_REGISTRY`` or ``--registry``). Pure data: nothing
+here imports torch.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import tomllib
+from enum import Enum
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from producer.contract import MODEL_NAME_PATTERN, ModelKind, inference_queue
+
+
+class RegistryError(ValueError):
+    """The registry file is missing, malformed, or names a model or source that cannot be used."""
+
+
+class DType(str, Enum):
+    FP32 = "fp32"
+    FP16 = "fp16"
+    BF16 = "bf16"
+
+
+class ModelSpec(BaseModel):
+    """One servable model. ``max_wait_ms`` is how long the batcher may hold a job to fill a batch."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=MODEL_NAME_PATTERN)
+    kind: ModelKind
+    source: str
+    dtype: DType = DType.FP32
+    max_batch_size: int = Field(32, ge=1, le=4096)
+    max_wait_ms: float = Field(5.0, ge=0, le=10_000)
+    max_seq_len: int = Field(256, ge=8, le=32_768)
+
+    @field_validator("source")
+    @classmethod
+    def _known_scheme(cls, value: str) -> str:
+        scheme = value.partition(":")[0]
+        if scheme not in ("package", "dir", "hub"):
+            raise ValueError(f"source {value!r} must start with package:, dir: or hub:")
+        if scheme == "hub" and "@" not in value:
+            raise ValueError(f"hub source {value!r} needs a pinned revision: hub:<org>/<name>@<revision>")
+        return value
+
+    @property
+    def queue(self) -> str:
+        return inference_queue(self.kind, self.name)
+
+
+def load_registry(path: Path) -> dict[str, ModelSpec]:
+    """Parse the registry file at ``path``; raise ``RegistryError`` with the reason on any problem."""
+    try:
+        document = tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise RegistryError(f"model registry {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise RegistryError(f"model registry {path} is not valid TOML: {exc}") from None
+    models = document.get("models")
+    if not isinstance(models, dict) or not models:
+        raise RegistryError(f"model registry {path} has no [models.<name>] tables")
+    specs: dict[str, ModelSpec] = {}
+    for name, table in models.items():
+        table = dict(table)
+        if table.get("source", "").startswith("dir:"):
+            table["source"] = "dir:" + str((Path(path).parent / table["source"][4:]).resolve())
+        try:
+            specs[name] = ModelSpec(name=name, **table)
+        except ValidationError as exc:
+            raise RegistryError(f"model {name!r} in {path}: {exc}") from None
+    return specs
+
+
+def select(registry: dict[str, ModelSpec], names: list[str]) -> list[ModelSpec]:
+    """Return the specs of ``names`` in order, or raise ``RegistryError`` naming the unknown ones."""
+    unknown = [name for name in names if name not in registry]
+    if unknown:
+        raise RegistryError(f"models not in the registry: {', '.join(unknown)} (known: {', '.join(sorted(registry))})")
+    return [registry[name] for name in names]
+
+
+def resolve_source(spec: ModelSpec) -> tuple[str, str | None]:
+    """Return ``(path_or_hub_id, revision)`` for ``from_pretrained``.
+
+    ``package:`` and ``dir:`` resolve to an existing local directory (revision None).
+    ``hub:`` is refused when ``HF_HUB_OFFLINE`` is set, since nothing could be fetched.
+    """
+    scheme, _, rest = spec.source.partition(":")
+    if scheme == "package":
+        module, _, subdir = rest.partition("/")
+        found = importlib.util.find_spec(module)
+        if found is None or not found.submodule_search_locations:
+            raise RegistryError(f"model {spec.name!r}: package {module!r} is not installed")
+        directory = Path(list(found.submodule_search_locations)[0]) / subdir
+    elif scheme == "dir":
+        directory = Path(rest)
+    else:
+        if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+            raise RegistryError(f"model {spec.name!r}: hub source {rest!r} but HF_HUB_OFFLINE is set")
+        repo, _, revision = rest.partition("@")
+        return repo, revision
+    if not (directory / "config.json").is_file():
+        raise RegistryError(f"model {spec.name!r}: {directory} holds no config.json")
+    return str(directory), None

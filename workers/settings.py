@@ -1,0 +1,39 @@
+"""Worker settings, read from the environment through one typed object."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from producer.settings import FleetSettings
+
+DEFAULT_REGISTRY = Path(__file__).with_name("registry.default.toml")
+
+
+class WorkerSettings(FleetSettings):
+    """Everything a worker process reads from ``FLEET_*`` (plus ``REDIS_URL``).
+
+    Durations are in seconds.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="FLEET_", extra="ignore", populate_by_name=True)
+
+    #: Path of the TOML model registry (``FLEET_MODEL_REGISTRY``).
+    model_registry: Path = DEFAULT_REGISTRY
+    #: Threads that run Celery tasks; with batching, the most jobs one batch can gather.
+    concurrency: int = Field(32, ge=1, le=1024)
+    #: torch intra-op threads on CPU; 0 means torch's default (all cores).
+    torch_threads: int = Field(0, ge=0)
+    #: On SIGTERM, how long in-flight jobs may take before the rest is handed back.
+    drain_grace_s: float = Field(60.0, ge=0)
+    heartbeat_interval_s: float = Field(2.0, gt=0)
+    #: A heartbeat older than this many intervals means the worker is gone.
+    heartbeat_ttl_intervals: int = Field(5, ge=2)
+    log_level: str = "INFO"
+    #: Where training writes checkpoints and final models (a shared volume in production).
+    artifact_dir: Path = Path("var/artifacts")
+    hostname: str = Field(default_factory=lambda: os.environ.get("HOSTNAME") or socket.gethostname())

@@ -1,0 +1,47 @@
+"""``fleet status``: the fleet as Redis sees it: workers, devices, models, queue depths."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import redis
+from rich.console import Console
+from rich.table import Table
+
+from producer import keys
+from producer.celery_config import PRIORITY_STEPS
+from producer.settings import FleetSettings
+from workers.health import read_heartbeats
+
+
+def queue_depth(client: redis.Redis, queue: str) -> int:
+    """Messages waiting in ``queue`` over all its priority lists (kombu's naming)."""
+    names = [queue] + [f"{queue}\x06\x16{step}" for step in PRIORITY_STEPS if step]
+    with client.pipeline(transaction=False) as pipe:
+        for name in names:
+            pipe.llen(name)
+        return sum(pipe.execute())
+
+
+def print_status() -> int:
+    client = redis.Redis.from_url(FleetSettings().redis_url)
+    console = Console()
+    workers = Table(title="Workers")
+    for column in ("name", "ready", "device", "models", "in flight", "last job"):
+        workers.add_column(column)
+    for beat in read_heartbeats(client):
+        last = beat.get("last_job_at")
+        workers.add_row(beat["name"], "yes" if beat.get("ready") else "no", f"{beat.get('device')} {beat.get('device_name', '')}",
+                        ",".join(beat.get("models", [])), str(beat.get("in_flight", 0)),
+                        f"{time.time() - last:.0f} s ago" if last else "-")
+    queues = Table(title="Queues")
+    queues.add_column("model")
+    queues.add_column("queue")
+    queues.add_column("waiting", justify="right")
+    for name, raw in sorted(client.hgetall(keys.CATALOG).items()):
+        entry = json.loads(raw)
+        queues.add_row(name.decode(), entry["queue"], str(queue_depth(client, entry["queue"])))
+    console.print(workers)
+    console.print(queues)
+    return 0

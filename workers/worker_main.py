@@ -1,0 +1,135 @@
+"""``fleet worker``: pin a device, load models, publish the catalog, then consume.
+
+Order matters: the device is pinned before torch starts, models load in this process
+before the consumer starts (threads pool, never prefork), and the worker reports ready
+only once Celery's consumer is running.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+
+import redis
+from celery import signals
+
+from producer import keys
+from workers.devices import DeviceError, choose_device, device_identity, parse_device, pin_cuda_device
+from workers.health import Heartbeat
+from workers.logs import configure_logging
+from workers.registry import RegistryError, load_registry, select
+from workers.settings import WorkerSettings
+
+log = logging.getLogger("fleet.worker")
+
+EXIT_CONFIG_ERROR = 2
+EXIT_LOAD_ERROR = 3
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    """What ``fleet worker`` was asked to do."""
+
+    device: str
+    models: list[str]
+    name: str | None = None
+    train: bool = False
+
+
+def worker_name(options: WorkerOptions, device: str, hostname: str) -> str:
+    """Celery node name ``fleet-<device>@<host>`` unless ``--name`` gave one."""
+    if options.name:
+        return options.name if "@" in options.name else f"{options.name}@{hostname}"
+    tag = device.replace(":", "")
+    if device.startswith("cuda") and os.environ.get("CUDA_VISIBLE_DEVICES"):
+        tag = f"gpu{os.environ['CUDA_VISIBLE_DEVICES']}"
+    return f"fleet-{tag}@{hostname}"
+
+
+def publish_catalog(redis_client: redis.Redis, specs) -> None:
+    """Record the models this worker serves so clients can validate model names before enqueue."""
+    if specs:
+        redis_client.hset(keys.CATALOG, mapping={
+            spec.name: json.dumps({"kind": spec.kind.value, "queue": spec.queue}) for spec in specs})
+
+
+def run_worker(options: WorkerOptions, settings: WorkerSettings | None = None) -> int:
+    """Run one worker until it is shut down; return the process exit code."""
+    settings = settings or WorkerSettings()
+    configure_logging(settings.log_level)
+    try:
+        requested = pin_cuda_device(parse_device(options.device))
+        specs = select(load_registry(settings.model_registry), options.models)
+    except (DeviceError, RegistryError) as exc:
+        log.error("cannot start worker: %s", exc)
+        return EXIT_CONFIG_ERROR
+    if not specs and not options.train:
+        log.error("cannot start worker: give --models and/or --train")
+        return EXIT_CONFIG_ERROR
+
+    import torch  # first torch import: after pinning, in the process that will use the device
+
+    from workers import runtime as runtime_module
+    from workers.runtime import WorkerRuntime
+
+    try:
+        choice = choose_device(requested)
+    except DeviceError as exc:
+        log.error("cannot start worker: %s", exc)
+        return EXIT_CONFIG_ERROR
+    log.info("device %s: %s", choice.device, choice.reason)
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+
+    try:
+        runtime = WorkerRuntime.load(settings, choice.device, specs)
+    except Exception as exc:  # noqa: BLE001 - any load failure stops the worker with its reason
+        log.error("cannot start worker: loading models failed: %s: %s", type(exc).__name__, exc)
+        return EXIT_LOAD_ERROR
+    runtime_module.install(runtime)
+
+    redis_client = redis.Redis.from_url(settings.redis_url)
+    publish_catalog(redis_client, specs)
+    name = worker_name(options, choice.device, settings.hostname)
+    identity = device_identity(choice.device)
+
+    def snapshot() -> dict:
+        return {
+            "host": settings.hostname, "pid": os.getpid(), "device": choice.device, "device_name": identity["name"],
+            "device_uuid": identity["uuid"], "models": sorted(runtime.models), "train": options.train,
+            "in_flight": runtime.in_flight, "last_job_at": runtime.last_job_at, "started_at": runtime.started_at,
+            "load": {n: {"load_s": r.report.load_s, "rss_bytes": r.report.rss_bytes,
+                         "cuda_allocated_bytes": r.report.cuda_allocated_bytes,
+                         "cuda_reserved_bytes": r.report.cuda_reserved_bytes} for n, r in runtime.models.items()},
+        }
+
+    heartbeat = Heartbeat(redis_client, name, snapshot, settings.heartbeat_interval_s,
+                          settings.heartbeat_interval_s * settings.heartbeat_ttl_intervals).start()
+
+    def on_ready(**_: object) -> None:
+        heartbeat.ready = True
+        heartbeat.beat()
+        log.info("worker %s ready: consuming %s", name, ", ".join(queues))
+
+    def on_shutdown(**_: object) -> None:
+        heartbeat.ready = False
+        heartbeat.beat()
+
+    queues = [spec.queue for spec in specs]
+    signals.worker_ready.connect(on_ready, weak=False)
+    signals.worker_shutting_down.connect(on_shutdown, weak=False)
+
+    from workers.app import app
+
+    worker = app.Worker(hostname=name, pool="threads", concurrency=settings.concurrency, queues=queues,
+                        loglevel=settings.log_level.upper(), without_mingle=True, without_gossip=True,
+                        optimization="fair")
+    try:
+        worker.start()
+    finally:
+        heartbeat.stop()
+        runtime.close()
+    return worker.exitcode or 0
+

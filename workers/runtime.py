@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from producer.contract import ErrorCode, ModelKind
 from producer.errors import JobFailedError
 from workers.batching import DynamicBatcher
-from workers.models.base import LoadReport
+from workers.models.report import LoadReport
 from workers.registry import ModelSpec
 from workers.settings import WorkerSettings
 

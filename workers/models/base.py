@@ -1,9 +1,8 @@
-"""What every resident model offers the worker: identity, warm-up and memory figures."""
+"""Torch-side helpers shared by resident models: compute dtype and memory figures."""
 
 from __future__ import annotations
 
 import resource
-from dataclasses import dataclass, field
 
 import torch
 
@@ -15,23 +14,6 @@ TORCH_DTYPES = {DType.FP32: torch.float32, DType.FP16: torch.float16, DType.BF16
 def compute_dtype(spec: ModelSpec, device: str) -> torch.dtype:
     """The dtype the model runs in: the registry's on CUDA, fp32 elsewhere (CPU half is slow)."""
     return TORCH_DTYPES[spec.dtype] if device.startswith("cuda") else torch.float32
-
-
-@dataclass
-class LoadReport:
-    """How loading one model went. Seconds and bytes."""
-
-    model: str
-    kind: str
-    device: str
-    dtype: str
-    load_s: float
-    warmup_s: float
-    rss_bytes: int
-    cuda_allocated_bytes: int = 0
-    cuda_reserved_bytes: int = 0
-    parameters: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 def memory_snapshot(device: str) -> dict[str, int]:

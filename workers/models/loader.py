@@ -8,7 +8,8 @@ import time
 import torch
 
 from producer.contract import ModelKind
-from workers.models.base import LoadReport, memory_snapshot
+from workers.models.base import memory_snapshot
+from workers.models.report import LoadReport
 from workers.registry import ModelSpec
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,55 @@
+"""Fixtures with real parts: a private redis-server per session and real worker processes."""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+import pytest
+import redis
+
+from producer import FleetClient
+from tests.fleet_processes import WorkerProcess
+from workers.embedded_redis import RedisServer
+
+_names = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    """A private redis-server on a free port (killed and restarted by some tests)."""
+    server = RedisServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_url(redis_server) -> str:
+    return redis_server.url
+
+
+@pytest.fixture()
+def redis_client(redis_url):
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def embed_worker(redis_url):
+    """One `fleet worker --device cpu --models minilm` for the whole session."""
+    worker = WorkerProcess(redis_url, "--device", "cpu", "--models", "minilm", name=f"test-embed-{os.getpid()}",
+                           env={"FLEET_CONCURRENCY": "16"})
+    worker.wait_ready()
+    yield worker
+    worker.stop()
+
+
+@pytest.fixture()
+def client(redis_url):
+    with FleetClient(redis_url) as fleet_client:
+        yield fleet_client
+
+
+def unique_name(prefix: str) -> str:
+    return f"{prefix}-{os.getpid()}-{next(_names)}"

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import redis
 from celery import Celery
@@ -138,6 +138,33 @@ class JobHandle:
         """Cancel the job: a queued job never runs, a running one stops at its next safe point."""
         self._client._cancel(self.id)
 
+    def stream(self, timeout: float | None = 60.0) -> Iterator[str]:
+        """Yield generated text pieces as the worker produces them (``generate(..., stream=True)``).
+
+        Reads the job's Redis stream with blocking XREAD (no polling). ``timeout`` bounds the
+        wait for each next piece, in seconds. After the last piece the job's result is checked,
+        so a failed or cancelled job raises as ``result()`` would.
+        """
+        if self._client._redis.hget(keys.job_record(self.id), "stream") != b"1":
+            yield self.result(timeout=timeout).text  # not a streaming job: the whole text at once
+            return
+        stream_key = keys.token_stream(self.id)
+        last_id = "0-0"
+        block_ms = None if timeout is None else max(1, int(timeout * 1000))
+        while True:
+            reply = self._client._redis.xread({stream_key: last_id}, count=64, block=block_ms or 0)
+            if not reply:
+                if self.status().finished:
+                    self.result(timeout=0.1)
+                    return
+                raise JobTimeout(f"no streamed output from job {self.id} within {timeout} s")
+            for entry_id, fields in reply[0][1]:
+                last_id = entry_id
+                if b"done" in fields:
+                    self.result(timeout=timeout)
+                    return
+                yield fields[b"piece"].decode()
+
 
 class FleetClient:
     """Submit jobs to a Fleet and follow them.
@@ -175,10 +202,19 @@ class FleetClient:
         request = validate_request(EmbedRequest, {"texts": _as_list(texts), "model": model, "normalize": normalize})
         return self._submit(ModelKind.EMBED, request, priority)
 
-    def classify(self, texts: Sequence[str], model: str, *, top_k: int = 1,
+    def classify(self, texts: Sequence[str] | None = None, model: str | None = None, *,
+                 inputs: Sequence[Sequence[float]] | None = None, top_k: int = 1,
                  priority: int = PRIORITY_DEFAULT) -> JobHandle:
-        """Submit a classification job; the result lists ``top_k`` labels per text."""
-        request = validate_request(ClassifyRequest, {"texts": _as_list(texts), "model": model, "top_k": top_k})
+        """Submit a classification job for ``texts`` (text classifiers) or ``inputs`` (feature vectors).
+
+        The result lists ``top_k`` labels with softmax scores per input.
+        """
+        fields = {"model": model, "top_k": top_k}
+        if texts is not None:
+            fields["texts"] = _as_list(texts)
+        if inputs is not None:
+            fields["inputs"] = [list(vector) for vector in inputs]
+        request = validate_request(ClassifyRequest, fields)
         return self._submit(ModelKind.CLASSIFY, request, priority)
 
     def generate(self, prompt: str, model: str, *, priority: int = PRIORITY_DEFAULT, **options: Any) -> JobHandle:
@@ -193,7 +229,8 @@ class FleetClient:
     def _submit(self, kind: ModelKind, request: BaseModel, priority: int) -> JobHandle:
         queue = self.catalog.queue_for(kind, request.model)
         job_id = str(uuid.uuid4())
-        record = {"kind": kind.value, "model": request.model, "queue": queue, "submitted_at": time.time()}
+        record = {"kind": kind.value, "model": request.model, "queue": queue, "submitted_at": time.time(),
+                  "stream": "1" if getattr(request, "stream", False) else "0"}
         with self._redis.pipeline(transaction=False) as pipe:
             pipe.hset(keys.job_record(job_id), mapping=record)
             pipe.expire(keys.job_record(job_id), self.settings.result_expires_s)

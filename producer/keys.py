@@ -28,3 +28,8 @@ def cancel_flag(job_id: str) -> str:
 def worker_heartbeat(worker_name: str) -> str:
     """JSON heartbeat of one worker, with a TTL: the key vanishes when the worker stops beating."""
     return f"{PREFIX}:heartbeat:{worker_name}"
+
+
+def token_stream(job_id: str) -> str:
+    """Redis stream of generated text pieces for a streaming generate job; ends with a ``done`` entry."""
+    return f"{PREFIX}:stream:{job_id}"

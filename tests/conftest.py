@@ -53,3 +53,11 @@ def client(redis_url):
 
 def unique_name(prefix: str) -> str:
     return f"{prefix}-{os.getpid()}-{next(_names)}"
+
+
+@pytest.fixture(scope="session")
+def demo_registry(tmp_path_factory):
+    """`fleet models init-demo` output: tiny-llama, topics and the registry serving them with minilm."""
+    from workers.models.demo_models import init_demo
+
+    return init_demo(tmp_path_factory.mktemp("demo-models"))

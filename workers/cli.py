@@ -37,6 +37,37 @@ def _cmd_health(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def _cmd_up(args: argparse.Namespace) -> int:
+    import socket
+
+    from workers.logs import configure_logging
+    from workers.settings import WorkerSettings
+    from workers.supervisor import PlanError, Supervised, Supervisor, plan_workers, visible_gpus, worker_command
+
+    settings = WorkerSettings()
+    configure_logging(settings.log_level)
+    try:
+        plans = plan_workers(args.devices, visible_gpus(), settings.hostname or socket.gethostname())
+    except PlanError as exc:
+        print(f"fleet up: {exc}", file=sys.stderr)
+        return 2
+    children = [Supervised(plan, worker_command(plan, args.models, args.registry, args.train)) for plan in plans]
+    return Supervisor(children, settings.drain_grace_s).run()
+
+
+def _cmd_models_init_demo(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from workers.logs import configure_logging
+    from workers.models.demo_models import init_demo
+
+    configure_logging("INFO")
+    registry = init_demo(Path(args.dir))
+    print(f"wrote demo models and {registry}\n"
+          f"serve them with: fleet up --devices cpu:2 --registry {registry} --models minilm,topics,tiny-llama")
+    return 0
+
+
 def _cmd_status(args: argparse.Namespace) -> int:
     from workers.status import print_status
 
@@ -61,6 +92,19 @@ def build_parser() -> argparse.ArgumentParser:
     health = commands.add_parser("health", help="exit 0 iff the worker on this host is ready")
     health.add_argument("--worker", default=None, help="check this worker name instead of this host's")
     health.set_defaults(func=_cmd_health)
+
+    up = commands.add_parser("up", help="run and supervise one worker process per device")
+    up.add_argument("--devices", default="all", help="all | 0,1 (GPU ids) | cpu | cpu:N (default all)")
+    up.add_argument("--models", default="", help="comma-separated model names every worker serves")
+    up.add_argument("--registry", default=None, help="model registry TOML (default $FLEET_MODEL_REGISTRY)")
+    up.add_argument("--train", action="store_true", help="workers also take training jobs")
+    up.set_defaults(func=_cmd_up)
+
+    models = commands.add_parser("models", help="manage models")
+    model_commands = models.add_subparsers(dest="models_command", required=True)
+    init_demo = model_commands.add_parser("init-demo", help="write a tiny Llama, a topic classifier and a registry")
+    init_demo.add_argument("--dir", default="var/models", help="where to write them (default var/models)")
+    init_demo.set_defaults(func=_cmd_models_init_demo)
 
     status = commands.add_parser("status", help="print workers, devices, models and queue depths")
     status.set_defaults(func=_cmd_status)

@@ -1,15 +1,80 @@
-"""Inference on resident models through their batchers; each function returns a contract result."""
+"""Inference on resident models; each function returns a contract result.
+
+Embedding and classification go through the model's batcher (many jobs, one device batch);
+generation runs one request at a time per model. Torch is imported lazily so that importing
+the task module (e.g. from Flower) stays light.
+"""
 
 from __future__ import annotations
 
-from producer.contract import EmbedRequest, EmbedResult
-from workers.models.embedder import finish_vectors
+from producer.contract import (
+    ClassifyRequest,
+    ClassifyResult,
+    EmbedRequest,
+    EmbedResult,
+    GenerateRequest,
+    GenerateResult,
+    LabelScore,
+)
 from workers.runtime import ResidentModel
 
+#: Generation polls for cancellation once every this many tokens (one Redis EXISTS each).
+CANCEL_CHECK_EVERY_TOKENS = 8
 
-def embed(resident: ResidentModel, request: EmbedRequest) -> EmbedResult:
+
+class Cancelled(Exception):
+    """The job was cancelled while it ran; the task stores REVOKED."""
+
+
+def embed(resident: ResidentModel, request: EmbedRequest, context=None) -> EmbedResult:
     """Tokenise here (task thread), batch the forward pass with other jobs, pool and normalise."""
+    from workers.models.embedder import finish_vectors
+
     id_lists = resident.impl.encode_each(list(request.texts))
     futures = resident.batcher.submit(id_lists, costs=[len(ids) for ids in id_lists])
     vectors = finish_vectors([future.result() for future in futures], request.normalize)
     return EmbedResult(model=request.model, device=resident.impl.device, dim=resident.impl.dim, vectors=vectors)
+
+
+def classify(resident: ResidentModel, request: ClassifyRequest, context=None) -> ClassifyResult:
+    """Batch the inputs with other jobs; return the ``top_k`` labels per input by softmax score."""
+    impl = resident.impl
+    if request.texts is not None and impl.input_kind == "texts":
+        items = impl.encode_each(list(request.texts))
+        costs = [len(ids) for ids in items]
+    elif request.inputs is not None and impl.input_kind == "features":
+        items = impl.check_features(request.inputs)
+        costs = None
+    else:
+        from producer.contract import ErrorCode
+        from producer.errors import JobFailedError
+
+        raise JobFailedError(ErrorCode.INVALID_INPUT.value,
+                             f"model {request.model!r} classifies {impl.input_kind}, not "
+                             f"{'texts' if request.texts is not None else 'inputs'}")
+    futures = resident.batcher.submit(items, costs=costs)
+    predictions = []
+    for future in futures:
+        probabilities = future.result()
+        top = probabilities.topk(min(request.top_k, len(impl.labels)))
+        predictions.append([LabelScore(label=impl.labels[i], score=float(s))
+                            for s, i in zip(top.values.tolist(), top.indices.tolist())])
+    return ClassifyResult(model=request.model, device=impl.device, predictions=predictions)
+
+
+def generate(resident: ResidentModel, request: GenerateRequest, context) -> GenerateResult:
+    """Generate with the KV cache; stream pieces to Redis if asked; stop early when cancelled."""
+    calls = 0
+
+    def should_stop() -> bool:
+        nonlocal calls
+        calls += 1
+        return calls % CANCEL_CHECK_EVERY_TOKENS == 0 and context.cancelled()
+
+    on_piece = context.publish_piece if request.stream else None
+    result = resident.impl.generate(request, on_piece=on_piece, should_stop=should_stop)
+    if request.stream:
+        context.publish_piece(None)
+    if result.finish_reason == "cancelled":
+        raise Cancelled()
+    return result

@@ -27,19 +27,21 @@ class ResidentModel:
 
     spec: ModelSpec
     impl: object
-    batcher: DynamicBatcher
+    #: None for models that run one request at a time (generation).
+    batcher: DynamicBatcher | None
     report: LoadReport
 
 
 @dataclass
 class WorkerRuntime:
-    """State of one worker process. ``in_flight`` counts jobs currently executing."""
+    """State of one worker process. ``in_flight`` counts jobs executing now, ``jobs_done`` those finished."""
 
     settings: WorkerSettings
     device: str
     models: dict[str, ResidentModel]
     started_at: float = field(default_factory=time.time)
     in_flight: int = 0
+    jobs_done: int = 0
     last_job_at: float | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -51,9 +53,11 @@ class WorkerRuntime:
         models: dict[str, ResidentModel] = {}
         for spec in specs:
             impl, report = load_model(spec, device)
-            batcher = DynamicBatcher(spec.name, impl.run_batch, max_batch_size=spec.max_batch_size,
-                                     max_wait_s=spec.max_wait_ms / 1000.0,
-                                     on_out_of_memory=_release_cuda_cache if device.startswith("cuda") else None)
+            batcher = None
+            if hasattr(impl, "run_batch"):
+                batcher = DynamicBatcher(spec.name, impl.run_batch, max_batch_size=spec.max_batch_size,
+                                         max_wait_s=spec.max_wait_ms / 1000.0,
+                                         on_out_of_memory=_release_cuda_cache if device.startswith("cuda") else None)
             models[spec.name] = ResidentModel(spec, impl, batcher, report)
         return cls(settings=settings, device=device, models=models)
 
@@ -75,11 +79,13 @@ class WorkerRuntime:
     def job_finished(self) -> None:
         with self._lock:
             self.in_flight -= 1
+            self.jobs_done += 1
             self.last_job_at = time.time()
 
     def close(self) -> None:
         for resident in self.models.values():
-            resident.batcher.close()
+            if resident.batcher is not None:
+                resident.batcher.close()
 
 
 def _release_cuda_cache() -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from celery.exceptions import Ignore
@@ -16,13 +17,18 @@ from pydantic import BaseModel, ValidationError
 from producer import keys
 from producer.contract import (
     PROTOCOL_VERSION,
+    TASK_CLASSIFY,
     TASK_EMBED,
+    TASK_GENERATE,
+    ClassifyRequest,
     EmbedRequest,
     ErrorCode,
+    GenerateRequest,
     Limits,
     ModelKind,
 )
 from producer.errors import JobFailedError
+from workers import inference
 from workers import runtime as runtime_module
 from workers.app import app
 
@@ -53,41 +59,76 @@ def parse_payload(request_cls: type[BaseModel], args: tuple, kwargs: dict) -> Ba
                              {"errors": errors}) from None
 
 
+@dataclass
+class JobContext:
+    """What a running job may ask of its task: cancellation and streaming output."""
+
+    task: Any
+
+    @property
+    def job_id(self) -> str:
+        return self.task.request.id
+
+    def cancelled(self) -> bool:
+        """True once ``handle.cancel()`` was called for this job."""
+        return bool(self.job_id) and bool(self.task.backend.client.exists(keys.cancel_flag(self.job_id)))
+
+    def stop_as_cancelled(self) -> None:
+        """Store REVOKED for this job and end the task without a result (the message is acked)."""
+        self.task.backend.mark_as_revoked(self.job_id, reason="cancelled", request=self.task.request)
+        raise Ignore()
+
+    def publish_piece(self, piece: str | None) -> None:
+        """Append a piece of streamed output; ``None`` marks the end of the stream."""
+        client = self.task.backend.client
+        stream = keys.token_stream(self.job_id)
+        fields = {"done": "1"} if piece is None else {"piece": piece}
+        with client.pipeline(transaction=False) as pipe:
+            pipe.xadd(stream, fields, maxlen=Limits.MAX_NEW_TOKENS + 16, approximate=True)
+            pipe.expire(stream, app.conf.result_expires)
+            pipe.execute()
+
+
+Execute = Callable[[Any, BaseModel, JobContext], BaseModel]
+
+
 def run_job(task, kind: ModelKind, request_cls: type[BaseModel], args: tuple, kwargs: dict,
-            execute: Callable[[Any, BaseModel], BaseModel]) -> dict:
-    """Validate, check cancellation, run ``execute(resident_model, request)``; return the result as JSON."""
+            execute: Execute) -> dict:
+    """Validate, check cancellation, run ``execute(resident_model, request, context)``; return JSON."""
     runtime = runtime_module.current()
     request = parse_payload(request_cls, args, kwargs)
-    raise_if_cancelled(task)
+    context = JobContext(task)
+    if context.cancelled():
+        context.stop_as_cancelled()
     resident = runtime.model(request.model, kind)
     runtime.job_started()
     try:
-        return execute(resident, request).model_dump(mode="json")
-    except JobFailedError:
+        return execute(resident, request, context).model_dump(mode="json")
+    except inference.Cancelled:
+        context.stop_as_cancelled()
+    except (JobFailedError, Ignore):
         raise
     except Exception as exc:  # noqa: BLE001 - any model error fails this job only
-        log.exception("job %s failed in model %s", task.request.id, request.model)
+        log.exception("job %s failed in model %s", context.job_id, request.model)
         code = ErrorCode.OUT_OF_MEMORY if "out of memory" in str(exc).lower() else ErrorCode.MODEL_ERROR
         raise JobFailedError(code.value, f"{type(exc).__name__}: {exc}") from None
     finally:
         runtime.job_finished()
 
 
-def raise_if_cancelled(task) -> None:
-    """Stop here if the job was cancelled: store REVOKED and end without computing."""
-    job_id = task.request.id
-    if job_id and task.backend.client.exists(keys.cancel_flag(job_id)):
-        task.backend.mark_as_revoked(job_id, reason="cancelled", request=task.request)
-        raise Ignore()
-
-
-def _execute_embed(resident, request: EmbedRequest):
-    from workers.inference import embed
-
-    return embed(resident, request)
-
-
 @app.task(name=TASK_EMBED, bind=True, throws=(JobFailedError,))
 def embed_task(self, *args, **kwargs) -> dict:
     """Embed texts with a resident encoder (payload: ``EmbedRequest``; result: ``EmbedResult``)."""
-    return run_job(self, ModelKind.EMBED, EmbedRequest, args, kwargs, _execute_embed)
+    return run_job(self, ModelKind.EMBED, EmbedRequest, args, kwargs, inference.embed)
+
+
+@app.task(name=TASK_CLASSIFY, bind=True, throws=(JobFailedError,))
+def classify_task(self, *args, **kwargs) -> dict:
+    """Classify texts or feature vectors (payload: ``ClassifyRequest``; result: ``ClassifyResult``)."""
+    return run_job(self, ModelKind.CLASSIFY, ClassifyRequest, args, kwargs, inference.classify)
+
+
+@app.task(name=TASK_GENERATE, bind=True, throws=(JobFailedError,))
+def generate_task(self, *args, **kwargs) -> dict:
+    """Generate text with a resident causal LM (payload: ``GenerateRequest``; result: ``GenerateResult``)."""
+    return run_job(self, ModelKind.GENERATE, GenerateRequest, args, kwargs, inference.generate)

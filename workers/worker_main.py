@@ -10,6 +10,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
+import threading
+import time
 from dataclasses import dataclass
 
 import redis
@@ -55,10 +58,44 @@ def publish_catalog(redis_client: redis.Redis, specs) -> None:
             spec.name: json.dumps({"kind": spec.kind.value, "queue": spec.queue}) for spec in specs})
 
 
+def _exit_before_consuming(signum: int, _frame: object) -> None:
+    """SIGTERM while loading: nothing was taken from a queue yet, so exit cleanly at once."""
+    log.info("received %s before consuming: exiting", signal.Signals(signum).name)
+    raise SystemExit(0)
+
+
+def start_drain_watchdog(worker, runtime, grace_s: float) -> None:
+    """After SIGTERM, give in-flight jobs ``grace_s`` seconds; then hand the rest back and exit.
+
+    Celery's warm shutdown has stopped consuming and waits for running tasks without limit.
+    If they outlast the grace period, their unacknowledged messages are restored to their
+    queues (kombu's ``restore_unacked_once``) for another worker, and the process exits 0.
+    """
+
+    def watch() -> None:
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline:
+            if runtime.in_flight == 0:
+                return
+            time.sleep(0.1)
+        if runtime.in_flight == 0:
+            return
+        log.warning("drain grace of %.1f s over with %d job(s) in flight: handing them back", grace_s,
+                    runtime.in_flight)
+        try:
+            worker.consumer.task_consumer.channel.qos.restore_unacked_once()
+        finally:
+            logging.shutdown()
+            os._exit(0)
+
+    threading.Thread(target=watch, name="drain-watchdog", daemon=True).start()
+
+
 def run_worker(options: WorkerOptions, settings: WorkerSettings | None = None) -> int:
     """Run one worker until it is shut down; return the process exit code."""
     settings = settings or WorkerSettings()
     configure_logging(settings.log_level)
+    signal.signal(signal.SIGTERM, _exit_before_consuming)
     try:
         requested = pin_cuda_device(parse_device(options.device))
         specs = select(load_registry(settings.model_registry), options.models)
@@ -99,7 +136,7 @@ def run_worker(options: WorkerOptions, settings: WorkerSettings | None = None) -
         return {
             "host": settings.hostname, "pid": os.getpid(), "device": choice.device, "device_name": identity["name"],
             "device_uuid": identity["uuid"], "models": sorted(runtime.models), "train": options.train,
-            "in_flight": runtime.in_flight, "last_job_at": runtime.last_job_at, "started_at": runtime.started_at,
+            "in_flight": runtime.in_flight, "jobs_done": runtime.jobs_done, "last_job_at": runtime.last_job_at, "started_at": runtime.started_at,
             "load": {n: {"load_s": r.report.load_s, "rss_bytes": r.report.rss_bytes,
                          "cuda_allocated_bytes": r.report.cuda_allocated_bytes,
                          "cuda_reserved_bytes": r.report.cuda_reserved_bytes} for n, r in runtime.models.items()},
@@ -116,6 +153,8 @@ def run_worker(options: WorkerOptions, settings: WorkerSettings | None = None) -
     def on_shutdown(**_: object) -> None:
         heartbeat.ready = False
         heartbeat.beat()
+        log.info("draining: %d job(s) in flight, grace %.1f s", runtime.in_flight, settings.drain_grace_s)
+        start_drain_watchdog(worker, runtime, settings.drain_grace_s)
 
     queues = [spec.queue for spec in specs]
     signals.worker_ready.connect(on_ready, weak=False)

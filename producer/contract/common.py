@@ -71,6 +71,7 @@ class Limits:
     MAX_NEW_TOKENS = 512
     MAX_STOP_STRINGS = 8
     MAX_LABELS_RETURNED = 32
+    MAX_FEATURES_PER_INPUT = 4_096
     #: A whole serialized payload may not exceed this many bytes (defence in depth).
     MAX_PAYLOAD_BYTES = 4 * 1024 * 1024
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Optional
 
-from pydantic import Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator
+from pydantic import Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator, model_validator
 
 from producer.contract.common import MODEL_NAME_PATTERN, PROTOCOL_VERSION, Limits, WireModel
 
@@ -35,13 +35,31 @@ class EmbedResult(WireModel):
     vectors: list[list[float]]
 
 
+FeatureVector = Annotated[list[StrictFloat | StrictInt], Field(min_length=1, max_length=Limits.MAX_FEATURES_PER_INPUT)]
+
+
 class ClassifyRequest(WireModel):
-    """Classify each of ``texts``; return the ``top_k`` labels with scores (softmax probabilities)."""
+    """Classify each input; return the ``top_k`` labels with scores (softmax probabilities).
+
+    Exactly one of ``texts`` (text classifiers) or ``inputs`` (numeric feature vectors, e.g. the
+    64 pixel intensities of a digits image for the trained digits MLP/CNN) must be given.
+    """
 
     v: StrictInt = PROTOCOL_VERSION
-    texts: Annotated[list[Text], Field(min_length=1, max_length=Limits.MAX_TEXTS_PER_JOB)]
+    texts: Optional[Annotated[list[Text], Field(min_length=1, max_length=Limits.MAX_TEXTS_PER_JOB)]] = None
+    inputs: Optional[Annotated[list[FeatureVector], Field(min_length=1, max_length=Limits.MAX_TEXTS_PER_JOB)]] = None
     model: ModelName
     top_k: Annotated[StrictInt, Field(ge=1, le=Limits.MAX_LABELS_RETURNED)] = 1
+
+    @model_validator(mode="after")
+    def _exactly_one_input_kind(self) -> "ClassifyRequest":
+        if (self.texts is None) == (self.inputs is None):
+            raise ValueError("give exactly one of texts or inputs")
+        return self
+
+    @property
+    def size(self) -> int:
+        return len(self.texts if self.texts is not None else self.inputs)
 
 
 class LabelScore(WireModel):

@@ -15,12 +15,19 @@ from workers.registry import ModelSpec
 log = logging.getLogger(__name__)
 
 
-def _implementation(kind: ModelKind):
-    if kind is ModelKind.EMBED:
+def _implementation(spec: ModelSpec):
+    """The resident-model class for ``spec``: by kind, and for classifiers by what the directory holds."""
+    if spec.kind is ModelKind.EMBED:
         from workers.models.embedder import Embedder
 
         return Embedder
-    raise NotImplementedError(f"this worker build cannot serve {kind.value!r} models yet")
+    if spec.kind is ModelKind.GENERATE:
+        from workers.models.generator import Generator
+
+        return Generator
+    from workers.models.classifier import TextClassifier
+
+    return TextClassifier
 
 
 def load_model(spec: ModelSpec, device: str):
@@ -29,7 +36,7 @@ def load_model(spec: ModelSpec, device: str):
     Raises whatever loading raised; the caller stops the worker rather than serve half the models.
     """
     started = time.perf_counter()
-    model = _implementation(spec.kind)(spec, device)
+    model = _implementation(spec)(spec, device)
     loaded = time.perf_counter()
     model.warmup()
     if device.startswith("cuda"):

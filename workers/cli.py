@@ -7,7 +7,11 @@ import sys
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
-    from workers.worker_main import WorkerOptions, run_worker
+    import signal
+
+    from workers.worker_main import WorkerOptions, exit_before_consuming, run_worker
+
+    signal.signal(signal.SIGTERM, exit_before_consuming)  # Celery installs its own once consuming
     from workers.settings import WorkerSettings
 
     overrides = {"model_registry": args.registry} if args.registry else {}

@@ -58,18 +58,19 @@ def publish_catalog(redis_client: redis.Redis, specs) -> None:
             spec.name: json.dumps({"kind": spec.kind.value, "queue": spec.queue}) for spec in specs})
 
 
-def _exit_before_consuming(signum: int, _frame: object) -> None:
+def exit_before_consuming(signum: int, _frame: object) -> None:
     """SIGTERM while loading: nothing was taken from a queue yet, so exit cleanly at once."""
     log.info("received %s before consuming: exiting", signal.Signals(signum).name)
     raise SystemExit(0)
 
 
-def start_drain_watchdog(worker, runtime, grace_s: float) -> None:
+def start_drain_watchdog(worker, runtime, grace_s: float, on_exit) -> None:
     """After SIGTERM, give in-flight jobs ``grace_s`` seconds; then hand the rest back and exit.
 
     Celery's warm shutdown has stopped consuming and waits for running tasks without limit.
     If they outlast the grace period, their unacknowledged messages are restored to their
-    queues (kombu's ``restore_unacked_once``) for another worker, and the process exits 0.
+    queues (kombu's ``restore_unacked_once``) for another worker, ``on_exit()`` runs, and the
+    process exits 0.
     """
 
     def watch() -> None:
@@ -82,9 +83,14 @@ def start_drain_watchdog(worker, runtime, grace_s: float) -> None:
             return
         log.warning("drain grace of %.1f s over with %d job(s) in flight: handing them back", grace_s,
                     runtime.in_flight)
+        channel = worker.consumer.task_consumer.channel
         try:
-            worker.consumer.task_consumer.channel.qos.restore_unacked_once()
+            # Close the consumer's connections first: a BRPOP still blocked on one of them would
+            # otherwise take a restored message straight back into this exiting process.
+            channel.async_pool.disconnect()
+            channel.qos.restore_unacked_once()
         finally:
+            on_exit()
             logging.shutdown()
             os._exit(0)
 
@@ -95,7 +101,6 @@ def run_worker(options: WorkerOptions, settings: WorkerSettings | None = None) -
     """Run one worker until it is shut down; return the process exit code."""
     settings = settings or WorkerSettings()
     configure_logging(settings.log_level)
-    signal.signal(signal.SIGTERM, _exit_before_consuming)
     try:
         requested = pin_cuda_device(parse_device(options.device))
         specs = select(load_registry(settings.model_registry), options.models)
@@ -120,6 +125,7 @@ def run_worker(options: WorkerOptions, settings: WorkerSettings | None = None) -
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
 
+    log.info("loading %d model(s) on %s: %s", len(specs), choice.device, ", ".join(s.name for s in specs))
     try:
         runtime = WorkerRuntime.load(settings, choice.device, specs)
     except Exception as exc:  # noqa: BLE001 - any load failure stops the worker with its reason
@@ -131,6 +137,9 @@ def run_worker(options: WorkerOptions, settings: WorkerSettings | None = None) -
     publish_catalog(redis_client, specs)
     name = worker_name(options, choice.device, settings.hostname)
     identity = device_identity(choice.device)
+    from workers import telemetry
+
+    worker_telemetry = telemetry.setup_worker(choice.device, runtime=runtime, device_name=identity["name"])
 
     def snapshot() -> dict:
         return {
@@ -154,7 +163,7 @@ def run_worker(options: WorkerOptions, settings: WorkerSettings | None = None) -
         heartbeat.ready = False
         heartbeat.beat()
         log.info("draining: %d job(s) in flight, grace %.1f s", runtime.in_flight, settings.drain_grace_s)
-        start_drain_watchdog(worker, runtime, settings.drain_grace_s)
+        start_drain_watchdog(worker, runtime, settings.drain_grace_s, on_exit=heartbeat.stop)
 
     queues = [spec.queue for spec in specs]
     signals.worker_ready.connect(on_ready, weak=False)
@@ -170,5 +179,6 @@ def run_worker(options: WorkerOptions, settings: WorkerSettings | None = None) -
     finally:
         heartbeat.stop()
         runtime.close()
+        worker_telemetry.shutdown()
     return worker.exitcode or 0
 

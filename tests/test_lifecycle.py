@@ -99,7 +99,10 @@ def test_fleet_health_exit_codes(redis_url, embed_worker):
     env = {**os.environ, "REDIS_URL": redis_url}
     ok = subprocess.run([*fleet_executable(), "health", "--worker", embed_worker.name], env=env,
                         capture_output=True, text=True, timeout=60)
-    assert ok.returncode == 0 and ok.stdout.startswith("ready"), ok.stdout + ok.stderr
+    assert ok.returncode == 0 and ok.stdout.startswith("ok"), ok.stdout + ok.stderr
+    live = subprocess.run([*fleet_executable(), "health", "--live", "--worker", embed_worker.name], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert live.returncode == 0 and "alive (ready)" in live.stdout
     missing = subprocess.run([*fleet_executable(), "health", "--worker", "nobody"], env=env,
                              capture_output=True, text=True, timeout=60)
     assert missing.returncode == 1 and "no heartbeat" in missing.stdout

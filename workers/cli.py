@@ -34,10 +34,10 @@ def _cmd_health(args: argparse.Namespace) -> int:
 
     client = redis.Redis.from_url(FleetSettings().redis_url, socket_connect_timeout=2, socket_timeout=2)
     try:
-        ok, reason = probe(client, worker=args.worker)
+        ok, reason = probe(client, worker=args.worker, live=args.live)
     except redis.RedisError as exc:
         ok, reason = False, f"Redis unreachable: {exc}"
-    print(("ready: " if ok else "not ready: ") + reason)
+    print(("ok: " if ok else "failed: ") + reason)
     return 0 if ok else 1
 
 
@@ -95,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     health = commands.add_parser("health", help="exit 0 iff the worker on this host is ready")
     health.add_argument("--worker", default=None, help="check this worker name instead of this host's")
+    health.add_argument("--live", action="store_true",
+                        help="liveness: succeed while the worker heartbeats, even when draining (default: readiness)")
     health.set_defaults(func=_cmd_health)
 
     up = commands.add_parser("up", help="run and supervise one worker process per device")

@@ -81,9 +81,11 @@ def read_heartbeats(redis_client: redis.Redis) -> list[dict[str, Any]]:
     return alive
 
 
-def probe(redis_client: redis.Redis, *, worker: str | None = None, host: str | None = None) -> tuple[bool, str]:
-    """Is a matching worker ready? Matches ``worker`` by node name (with or without ``@host``),
-    else every worker on ``host``.
+def probe(redis_client: redis.Redis, *, worker: str | None = None, host: str | None = None,
+          live: bool = False) -> tuple[bool, str]:
+    """Is a matching worker ready (or, with ``live``, merely alive: ready or draining)?
+
+    Matches ``worker`` by node name (with or without ``@host``), else every worker on ``host``.
 
     Returns ``(ok, reason)``; ``host`` defaults to ``$HOSTNAME`` / the machine's hostname.
     """
@@ -94,6 +96,8 @@ def probe(redis_client: redis.Redis, *, worker: str | None = None, host: str | N
     mine = [b for b in beats if (worker in (b["name"], b["name"].split("@")[0]) if worker else b.get("host") == host)]
     if not mine:
         return False, f"no heartbeat from {'worker ' + worker if worker else 'any worker on host ' + host}"
+    if live:
+        return True, ", ".join(f"{b['name']} alive ({'ready' if b.get('ready') else 'draining'})" for b in mine)
     ready = [b for b in mine if b.get("ready")]
     if not ready:
         return False, f"{len(mine)} worker(s) alive but not ready (loading or draining)"

@@ -86,10 +86,11 @@ def choose_device(requested: str) -> DeviceChoice:
 
 
 def device_identity(device: str) -> dict[str, str]:
-    """Describe the physical device (name, and UUID for CUDA) for health reports."""
+    """Describe the physical device (name; for CUDA its UUID and how many GPUs this process sees)."""
     import torch
 
     if device.startswith("cuda"):
         props = torch.cuda.get_device_properties(torch.device(device))
-        return {"device": device, "name": props.name, "uuid": str(getattr(props, "uuid", ""))}
-    return {"device": device, "name": device, "uuid": ""}
+        return {"device": device, "name": props.name, "uuid": str(getattr(props, "uuid", "")),
+                "visible_gpus": torch.cuda.device_count()}
+    return {"device": device, "name": device, "uuid": "", "visible_gpus": 0}

@@ -144,7 +144,7 @@ def run_worker(options: WorkerOptions, settings: WorkerSettings | None = None) -
     def snapshot() -> dict:
         return {
             "host": settings.hostname, "pid": os.getpid(), "device": choice.device, "device_name": identity["name"],
-            "device_uuid": identity["uuid"], "models": sorted(runtime.models), "train": options.train,
+            "device_uuid": identity["uuid"], "visible_gpus": identity["visible_gpus"], "models": sorted(runtime.models), "train": options.train,
             "in_flight": runtime.in_flight, "jobs_done": runtime.jobs_done, "last_job_at": runtime.last_job_at, "started_at": runtime.started_at,
             "load": {n: {"load_s": r.report.load_s, "rss_bytes": r.report.rss_bytes,
                          "cuda_allocated_bytes": r.report.cuda_allocated_bytes,

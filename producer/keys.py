@@ -20,6 +20,20 @@ def job_record(job_id: str) -> str:
     return f"{PREFIX}:job:{job_id}"
 
 
+#: Hash: job id -> JSON dead-letter entry (task, queue, payload, reason, attempts, at).
+DEAD_LETTERS = f"{PREFIX}:dlq"
+
+
+def attempts(job_id: str) -> str:
+    """Counter of deliveries of a job to a worker; past the limit the job is dead-lettered."""
+    return f"{PREFIX}:attempts:{job_id}"
+
+
+def idempotency(key: str) -> str:
+    """String: the job id submitted with this idempotency key (expires with the key's window)."""
+    return f"{PREFIX}:idem:{key}"
+
+
 def cancel_flag(job_id: str) -> str:
     """String set when a job is cancelled; workers check it before and while running."""
     return f"{PREFIX}:cancel:{job_id}"

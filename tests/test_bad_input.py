@@ -11,7 +11,7 @@ from producer import ErrorCode, InvalidRequest, JobFailedError, UnknownModel
 from producer.celery_config import celery_config
 from producer.contract import TASK_EMBED, Limits, inference_queue
 from producer.settings import FleetSettings
-from workers.status import queue_depth
+from producer.queues import queue_depth
 
 pytestmark = pytest.mark.integration
 

@@ -8,7 +8,7 @@ import pytest
 
 from producer import JobCancelled, JobStatus
 from producer.contract import inference_queue
-from workers.status import queue_depth
+from producer.queues import queue_depth
 
 pytestmark = pytest.mark.integration
 

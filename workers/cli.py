@@ -72,6 +72,36 @@ def _cmd_models_init_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_dlq(args: argparse.Namespace) -> int:
+    import json
+
+    import redis
+
+    from producer.settings import FleetSettings
+    from workers import dlq
+
+    client = redis.Redis.from_url(FleetSettings().redis_url)
+    if args.dlq_command == "list":
+        for entry in dlq.list_entries(client):
+            print(f"{entry['job_id']}  {entry['task']:<15} attempts={entry['attempts']}  {entry['reason']}")
+        return 0
+    if args.dlq_command == "purge":
+        print(f"purged {dlq.purge(client)} entries")
+        return 0
+    entry = dlq.get_entry(client, args.job_id)
+    if entry is None:
+        print(f"no dead-letter entry for job {args.job_id}", file=sys.stderr)
+        return 1
+    if args.dlq_command == "show":
+        print(json.dumps(entry, indent=2))
+        return 0
+    from workers.app import app
+
+    dlq.retry(client, app, args.job_id)
+    print(f"re-sent job {args.job_id} to {entry['queue']}")
+    return 0
+
+
 def _cmd_status(args: argparse.Namespace) -> int:
     from workers.status import print_status
 
@@ -111,6 +141,15 @@ def build_parser() -> argparse.ArgumentParser:
     init_demo = model_commands.add_parser("init-demo", help="write a tiny Llama, a topic classifier and a registry")
     init_demo.add_argument("--dir", default="var/models", help="where to write them (default var/models)")
     init_demo.set_defaults(func=_cmd_models_init_demo)
+
+    dead = commands.add_parser("dlq", help="inspect and retry dead-lettered jobs")
+    dead_commands = dead.add_subparsers(dest="dlq_command", required=True)
+    dead_commands.add_parser("list", help="one line per dead job").set_defaults(func=_cmd_dlq)
+    dead_commands.add_parser("purge", help="delete every entry").set_defaults(func=_cmd_dlq)
+    for name, text in (("show", "print one entry as JSON"), ("retry", "send the job again under its id")):
+        command = dead_commands.add_parser(name, help=text)
+        command.add_argument("job_id")
+        command.set_defaults(func=_cmd_dlq)
 
     status = commands.add_parser("status", help="print workers, devices, models and queue depths")
     status.set_defaults(func=_cmd_status)

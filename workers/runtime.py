@@ -34,13 +34,13 @@ class ResidentModel:
 
 @dataclass
 class WorkerRuntime:
-    """State of one worker process. ``in_flight`` counts jobs executing now, ``jobs_done`` those finished."""
+    """State of one worker process: the jobs executing now (``in_flight_ids``) and counters."""
 
     settings: WorkerSettings
     device: str
     models: dict[str, ResidentModel]
     started_at: float = field(default_factory=time.time)
-    in_flight: int = 0
+    in_flight_ids: set[str] = field(default_factory=set)
     jobs_done: int = 0
     last_job_at: float | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -72,13 +72,17 @@ class WorkerRuntime:
                                  f"model {name!r} serves {resident.spec.kind.value!r} jobs, not {kind.value!r}")
         return resident
 
-    def job_started(self) -> None:
-        with self._lock:
-            self.in_flight += 1
+    @property
+    def in_flight(self) -> int:
+        return len(self.in_flight_ids)
 
-    def job_finished(self) -> None:
+    def job_started(self, job_id: str) -> None:
         with self._lock:
-            self.in_flight -= 1
+            self.in_flight_ids.add(job_id)
+
+    def job_finished(self, job_id: str) -> None:
+        with self._lock:
+            self.in_flight_ids.discard(job_id)
             self.jobs_done += 1
             self.last_job_at = time.time()
 

@@ -30,6 +30,8 @@ class WorkerSettings(FleetSettings):
     torch_threads: int = Field(0, ge=0)
     #: On SIGTERM, how long in-flight jobs may take before the rest is handed back.
     drain_grace_s: float = Field(60.0, ge=0)
+    #: Deliveries (crashes and failed runs together) before a job goes to the dead-letter list.
+    max_attempts: int = Field(3, ge=1, le=100)
     heartbeat_interval_s: float = Field(2.0, gt=0)
     #: A heartbeat older than this many intervals means the worker is gone.
     heartbeat_ttl_intervals: int = Field(5, ge=2)

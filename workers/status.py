@@ -10,18 +10,9 @@ from rich.console import Console
 from rich.table import Table
 
 from producer import keys
-from producer.celery_config import PRIORITY_STEPS
+from producer.queues import queue_depth
 from producer.settings import FleetSettings
 from workers.health import read_heartbeats
-
-
-def queue_depth(client: redis.Redis, queue: str) -> int:
-    """Messages waiting in ``queue`` over all its priority lists (kombu's naming)."""
-    names = [queue] + [f"{queue}\x06\x16{step}" for step in PRIORITY_STEPS if step]
-    with client.pipeline(transaction=False) as pipe:
-        for name in names:
-            pipe.llen(name)
-        return sum(pipe.execute())
 
 
 def print_status() -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any, Callable
 
 from celery.exceptions import Ignore
@@ -31,6 +32,7 @@ from producer.errors import JobFailedError
 from workers import inference
 from workers import runtime as runtime_module
 from workers.app import app
+from workers.dlq import dead_letter
 
 log = logging.getLogger(__name__)
 
@@ -61,13 +63,46 @@ def parse_payload(request_cls: type[BaseModel], args: tuple, kwargs: dict) -> Ba
 
 @dataclass
 class JobContext:
-    """What a running job may ask of its task: cancellation and streaming output."""
+    """What a running job may ask of its task: attempts, deadline, cancellation, dead-lettering, streaming."""
 
     task: Any
 
     @property
     def job_id(self) -> str:
         return self.task.request.id
+
+    @property
+    def redis(self):
+        return self.task.backend.client
+
+    def begin_attempt(self) -> int:
+        """Count this delivery of the job; return how many deliveries there have been (1 = first)."""
+        key = keys.attempts(self.job_id)
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.incr(key)
+            pipe.expire(key, app.conf.result_expires)
+            attempt, _ = pipe.execute()
+        return int(attempt)
+
+    def expired(self) -> bool:
+        """True if the job's deadline (Celery ``expires``) has passed."""
+        expires = self.task.request.expires
+        if not expires:
+            return False
+        deadline = datetime.fromisoformat(expires) if isinstance(expires, str) else expires
+        return datetime.now(timezone.utc) >= deadline
+
+    def stop_as_expired(self) -> None:
+        """Store REVOKED("expired"), as Celery does for jobs it drops at receipt, and end the task."""
+        self.task.backend.mark_as_revoked(self.job_id, reason="expired", request=self.task.request)
+        raise Ignore()
+
+    def dead_letter(self, payload: Any, reason: str, attempt: int) -> None:
+        """Move the job to the dead-letter list with ``reason``."""
+        queue = (self.task.request.delivery_info or {}).get("routing_key", "")
+        dead_letter(self.redis, self.job_id, task=self.task.name, queue=queue, payload=payload, reason=reason,
+                    attempts=attempt)
+        log.error("job %s dead-lettered after %d attempt(s): %s", self.job_id, attempt, reason)
 
     def cancelled(self) -> bool:
         """True once ``handle.cancel()`` was called for this job."""
@@ -94,14 +129,27 @@ Execute = Callable[[Any, BaseModel, JobContext], BaseModel]
 
 def run_job(task, kind: ModelKind, request_cls: type[BaseModel], args: tuple, kwargs: dict,
             execute: Execute) -> dict:
-    """Validate, check cancellation, run ``execute(resident_model, request, context)``; return JSON."""
+    """Validate, check cancellation and deadline, run ``execute(resident_model, request, context)``.
+
+    Returns the result as JSON. A run that raises unexpectedly is retried (backoff) until the
+    job has had ``max_attempts`` deliveries; deliveries lost to a dying worker count too. Past
+    that the job is dead-lettered and fails with its reason.
+    """
     runtime = runtime_module.current()
-    request = parse_payload(request_cls, args, kwargs)
     context = JobContext(task)
+    attempt = context.begin_attempt()
+    request = parse_payload(request_cls, args, kwargs)
     if context.cancelled():
         context.stop_as_cancelled()
+    if context.expired():
+        context.stop_as_expired()
+    max_attempts = runtime.settings.max_attempts
+    if attempt > max_attempts:
+        reason = f"delivered {attempt} times without finishing (its worker was lost each time)"
+        context.dead_letter(args[0], reason, attempt)
+        raise JobFailedError(ErrorCode.WORKER_LOST.value, reason, {"dead_lettered": True, "attempts": attempt})
     resident = runtime.model(request.model, kind)
-    runtime.job_started()
+    runtime.job_started(context.job_id)
     try:
         return execute(resident, request, context).model_dump(mode="json")
     except inference.Cancelled:
@@ -109,11 +157,15 @@ def run_job(task, kind: ModelKind, request_cls: type[BaseModel], args: tuple, kw
     except (JobFailedError, Ignore):
         raise
     except Exception as exc:  # noqa: BLE001 - any model error fails this job only
-        log.exception("job %s failed in model %s", context.job_id, request.model)
+        log.exception("job %s failed in model %s (attempt %d)", context.job_id, request.model, attempt)
         code = ErrorCode.OUT_OF_MEMORY if "out of memory" in str(exc).lower() else ErrorCode.MODEL_ERROR
-        raise JobFailedError(code.value, f"{type(exc).__name__}: {exc}") from None
+        message = f"{type(exc).__name__}: {exc}"
+        if attempt < max_attempts:
+            raise task.retry(countdown=min(2 ** attempt, 30), max_retries=None, exc=exc)
+        context.dead_letter(args[0], message, attempt)
+        raise JobFailedError(code.value, message, {"dead_lettered": True, "attempts": attempt}) from None
     finally:
-        runtime.job_finished()
+        runtime.job_finished(context.job_id)
 
 
 @app.task(name=TASK_EMBED, bind=True, throws=(JobFailedError,))

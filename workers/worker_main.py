@@ -64,7 +64,7 @@ def exit_before_consuming(signum: int, _frame: object) -> None:
     raise SystemExit(0)
 
 
-def start_drain_watchdog(worker, runtime, grace_s: float, on_exit) -> None:
+def start_drain_watchdog(worker, runtime, grace_s: float, on_exit, redis_client: redis.Redis) -> None:
     """After SIGTERM, give in-flight jobs ``grace_s`` seconds; then hand the rest back and exit.
 
     Celery's warm shutdown has stopped consuming and waits for running tasks without limit.
@@ -84,7 +84,13 @@ def start_drain_watchdog(worker, runtime, grace_s: float, on_exit) -> None:
         log.warning("drain grace of %.1f s over with %d job(s) in flight: handing them back", grace_s,
                     runtime.in_flight)
         channel = worker.consumer.task_consumer.channel
+        handed_back = list(runtime.in_flight_ids)
         try:
+            # A hand-back is not a failed attempt: undo the count so it does not move the job toward the DLQ.
+            with redis_client.pipeline(transaction=False) as pipe:
+                for job_id in handed_back:
+                    pipe.decr(keys.attempts(job_id))
+                pipe.execute()
             # Close the consumer's connections first: a BRPOP still blocked on one of them would
             # otherwise take a restored message straight back into this exiting process.
             channel.async_pool.disconnect()
@@ -163,7 +169,8 @@ def run_worker(options: WorkerOptions, settings: WorkerSettings | None = None) -
         heartbeat.ready = False
         heartbeat.beat()
         log.info("draining: %d job(s) in flight, grace %.1f s", runtime.in_flight, settings.drain_grace_s)
-        start_drain_watchdog(worker, runtime, settings.drain_grace_s, on_exit=heartbeat.stop)
+        start_drain_watchdog(worker, runtime, settings.drain_grace_s, on_exit=heartbeat.stop,
+                             redis_client=redis_client)
 
     queues = [spec.queue for spec in specs]
     signals.worker_ready.connect(on_ready, weak=False)

@@ -117,6 +117,7 @@ class ErrorCode(str, Enum):
     DEADLINE_EXCEEDED = "deadline_exceeded"
     OUT_OF_MEMORY = "out_of_memory"
     MODEL_ERROR = "model_error"
+    WORKER_LOST = "worker_lost"
     INTERNAL = "internal"
 
 

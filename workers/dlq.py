@@ -1,0 +1,55 @@
+"""The dead-letter list: jobs that failed or lost their worker too often, kept with the reason.
+
+Entries live in the Redis hash ``fleet:dlq`` (job id -> JSON). ``fleet dlq`` lists, shows,
+retries (same job id, so existing handles see the new result) and purges them.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import redis
+
+from producer import keys
+
+
+def dead_letter(client: redis.Redis, job_id: str, *, task: str, queue: str, payload: Any, reason: str,
+                attempts: int) -> dict[str, Any]:
+    """Record a dead job; return the entry written."""
+    entry = {"job_id": job_id, "task": task, "queue": queue, "payload": payload, "reason": reason,
+             "attempts": attempts, "at": time.time()}
+    client.hset(keys.DEAD_LETTERS, job_id, json.dumps(entry))
+    return entry
+
+
+def list_entries(client: redis.Redis) -> list[dict[str, Any]]:
+    """All dead-letter entries, oldest first."""
+    entries = [json.loads(raw) for raw in client.hvals(keys.DEAD_LETTERS)]
+    return sorted(entries, key=lambda entry: entry["at"])
+
+
+def get_entry(client: redis.Redis, job_id: str) -> dict[str, Any] | None:
+    raw = client.hget(keys.DEAD_LETTERS, job_id)
+    return json.loads(raw) if raw else None
+
+
+def retry(client: redis.Redis, celery_app, job_id: str) -> bool:
+    """Send a dead job again under its own id, with a fresh attempt count; False if unknown."""
+    entry = get_entry(client, job_id)
+    if entry is None:
+        return False
+    with client.pipeline(transaction=False) as pipe:
+        pipe.delete(keys.attempts(job_id), f"celery-task-meta-{job_id}")
+        pipe.hdel(keys.DEAD_LETTERS, job_id)
+        pipe.execute()
+    celery_app.send_task(entry["task"], args=[entry["payload"]], task_id=job_id, queue=entry["queue"])
+    return True
+
+
+def purge(client: redis.Redis) -> int:
+    """Remove every entry; return how many there were."""
+    count = client.hlen(keys.DEAD_LETTERS)
+    client.delete(keys.DEAD_LETTERS)
+    return count

@@ -16,6 +16,7 @@ from producer.contract import (
     GenerateResult,
     LabelScore,
 )
+from workers import telemetry
 from workers.runtime import ResidentModel
 
 #: Generation polls for cancellation once every this many tokens (one Redis EXISTS each).
@@ -30,8 +31,11 @@ def embed(resident: ResidentModel, request: EmbedRequest, context=None) -> Embed
     """Tokenise here (task thread), batch the forward pass with other jobs, pool and normalise."""
     from workers.models.embedder import finish_vectors
 
-    id_lists = resident.impl.encode_each(list(request.texts))
-    futures = resident.batcher.submit(id_lists, costs=[len(ids) for ids in id_lists])
+    with telemetry.tokenize_span(request.model, len(request.texts)) as span:
+        id_lists = resident.impl.encode_each(list(request.texts))
+        span.record_tokens(id_lists)
+    futures = resident.batcher.submit(id_lists, costs=[len(ids) for ids in id_lists],
+                                      context=telemetry.current_span_context())
     vectors = finish_vectors([future.result() for future in futures], request.normalize)
     return EmbedResult(model=request.model, device=resident.impl.device, dim=resident.impl.dim, vectors=vectors)
 
@@ -52,7 +56,7 @@ def classify(resident: ResidentModel, request: ClassifyRequest, context=None) ->
         raise JobFailedError(ErrorCode.INVALID_INPUT.value,
                              f"model {request.model!r} classifies {impl.input_kind}, not "
                              f"{'texts' if request.texts is not None else 'inputs'}")
-    futures = resident.batcher.submit(items, costs=costs)
+    futures = resident.batcher.submit(items, costs=costs, context=telemetry.current_span_context())
     predictions = []
     for future in futures:
         probabilities = future.result()

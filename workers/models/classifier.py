@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from workers import telemetry
 from workers.models.base import compute_dtype
 from workers.registry import ModelSpec, resolve_source
 
@@ -39,8 +40,11 @@ class TextClassifier:
         """Return one probability vector (float32, CPU) per input."""
         padded = self.tokenizer.pad({"input_ids": id_lists}, padding=True, return_tensors="pt")
         encoded = {name: tensor.to(self.device, non_blocking=True) for name, tensor in padded.items()}
-        logits = self.model(**encoded).logits.float()
-        return list(torch.softmax(logits, dim=-1).cpu().unbind(0))
+        with telemetry.forward_span(self.spec.name, "classify", self.device, self.dtype,
+                                    tuple(padded["input_ids"].shape)):
+            logits = self.model(**encoded).logits.float()
+            probabilities = torch.softmax(logits, dim=-1).cpu()
+        return list(probabilities.unbind(0))
 
     def warmup(self) -> None:
         self.run_batch(self.encode_each(["warm-up sentence"]))

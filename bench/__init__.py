@@ -1,0 +1,1 @@
+"""Fleet's benchmarks: ``python -m bench.run`` (see docs/BENCHMARKS.md)."""

@@ -5,7 +5,10 @@ from __future__ import annotations
 from celery import Celery
 
 from producer.celery_config import celery_config
+from workers import redis_patches
 from workers.settings import WorkerSettings
+
+redis_patches.install()  # busy workers must ride out Redis restarts and failovers (see the module)
 
 
 def worker_config(settings: WorkerSettings) -> dict:
@@ -24,7 +27,13 @@ def worker_config(settings: WorkerSettings) -> dict:
         "worker_hijack_root_logger": False,
         "worker_redirect_stdouts": False,
         "worker_cancel_long_running_tasks_on_connection_loss": False,
-        "imports": ("workers.tasks",),
+        # Storing a result retries through a Redis restart or failover instead of failing a job that
+        # succeeded (docs/RELIABILITY.md); bounded: 60 tries, up to 2 s apart.
+        "result_backend_always_retry": True,
+        "result_backend_max_retries": 60,
+        "result_backend_base_sleep_between_retries_ms": 50,
+        "result_backend_max_sleep_between_retries_ms": 2000,
+        "imports": ("workers.tasks", "workers.training_task"),
     })
     return config
 

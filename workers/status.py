@@ -5,18 +5,18 @@ from __future__ import annotations
 import json
 import time
 
-import redis
 from rich.console import Console
 from rich.table import Table
 
 from producer import keys
 from producer.queues import queue_depth
+from producer.redis_connection import redis_client
 from producer.settings import FleetSettings
 from workers.health import read_heartbeats
 
 
 def print_status() -> int:
-    client = redis.Redis.from_url(FleetSettings().redis_url)
+    client = redis_client(FleetSettings())
     console = Console()
     workers = Table(title="Workers")
     for column in ("name", "ready", "device", "models", "in flight", "last job"):

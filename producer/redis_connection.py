@@ -1,0 +1,201 @@
+"""Plain Redis clients for Fleet's own keys (catalog, job records, heartbeats), Sentinel-aware.
+
+Celery and kombu reach the broker and result backend through ``sentinel://`` URLs by
+themselves (``producer/celery_config.py`` passes the master name). Fleet's own reads and
+writes use redis-py directly; ``redis.Redis.from_url`` does not know ``sentinel://``, so
+every Fleet process builds those clients here instead:
+
+    from producer.redis_connection import redis_client
+    client = redis_client(settings)            # was: redis.Redis.from_url(settings.redis_url)
+
+``REDIS_URL`` forms:
+
+- ``redis://[[user]:password@]host:port/db`` and ``rediss://...`` (TLS): a plain client,
+  exactly ``redis.Redis.from_url``.
+- ``sentinel://[[user]:password@]host:port[/db];sentinel://host:port;...``: one entry per
+  Sentinel, the form kombu and Celery parse. The credentials and database of the first
+  entry are those of the Redis master (and replicas), not of the Sentinels; the master's
+  name comes from ``FLEET_SENTINEL_MASTER``. The client asks the Sentinels for the current
+  master on every (re)connect, so after a failover it follows the new master by itself.
+
+This module imports neither torch nor worker code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import redis
+from redis.backoff import EqualJitterBackoff
+from redis.retry import Retry
+from redis.sentinel import Sentinel, SentinelManagedConnection
+
+from producer.settings import FleetSettings
+
+SENTINEL_SCHEME = "sentinel"
+DEFAULT_SENTINEL_PORT = 26379
+
+
+#: Fleet's retry policy for its own Redis commands (job records, catalog, heartbeats): on a
+#: connection error or timeout, retry with exponential backoff (0.1 s doubling, at most 2 s,
+#: with jitter) up to 12 times: between about 10 and 19 s in all, which rides out a Redis
+#: restart or a Sentinel failover, then the error is raised. redis-py's default gives up
+#: after a second or two (measured: a failover under load then fails ~2 s of submissions).
+RETRY_ATTEMPTS = 12
+RETRY_BACKOFF_BASE_S = 0.1
+RETRY_BACKOFF_CAP_S = 2.0
+#: A connect attempt to a silent (black-holed) host fails after this long, so that the
+#: retry bound above holds there too.
+CONNECT_TIMEOUT_S = 2.0
+
+
+def patient_retry() -> Retry:
+    """The retry policy above, as a redis-py ``Retry`` (a new object per client)."""
+    return Retry(EqualJitterBackoff(cap=RETRY_BACKOFF_CAP_S, base=RETRY_BACKOFF_BASE_S), RETRY_ATTEMPTS)
+
+
+class MasterFollowingConnection(SentinelManagedConnection):
+    """A Sentinel-managed connection that asks the Sentinels for the master on *every* reconnect.
+
+    redis-py 8's ``SentinelManagedConnection`` looks the master up in ``connect()``, but a
+    command retried after a connection error reconnects through ``connect_check_health()``
+    (from ``send_packed_command``), which reuses the address of the master that just died.
+    With a patient retry policy a command issued across a failover then spends its whole
+    retry budget (~14 s measured) knocking on the dead master and fails. Routing those
+    reconnects through ``connect()`` makes it follow the promoted replica within one retry.
+    """
+
+    def connect_check_health(self, check_health: bool = True, retry_socket_connect: bool = True):
+        if self._sock:
+            return None
+        if not retry_socket_connect:  # called by connect_to() with a freshly looked-up address
+            return super().connect_check_health(check_health=check_health, retry_socket_connect=False)
+        return self.connect()
+
+
+class RedisURLError(ValueError):
+    """``REDIS_URL`` cannot be used as given (the message never contains the password)."""
+
+
+def is_sentinel_url(url: str) -> bool:
+    """True for ``sentinel://`` URLs (one or more, ``;``-separated)."""
+    return url.strip().lower().startswith(f"{SENTINEL_SCHEME}://")
+
+
+@dataclass(frozen=True)
+class SentinelURL:
+    """The parts of a ``sentinel://a:26379;sentinel://b:26379`` URL."""
+
+    sentinels: list[tuple[str, int]]
+    db: int = 0
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+
+
+def parse_sentinel_url(url: str) -> SentinelURL:
+    """Split a ``;``-separated list of ``sentinel://`` URLs into Sentinel addresses and credentials."""
+    sentinels: list[tuple[str, int]] = []
+    db, username, password = 0, None, None
+    for index, chunk in enumerate(part.strip() for part in url.split(";")):
+        if not chunk:
+            continue
+        parts = urlsplit(chunk)
+        if parts.scheme.lower() != SENTINEL_SCHEME:
+            raise RedisURLError(f"entry {index + 1} of a Sentinel URL must start with sentinel://")
+        try:
+            port = parts.port or DEFAULT_SENTINEL_PORT
+        except ValueError:
+            raise RedisURLError(f"entry {index + 1} of the Sentinel URL has an invalid port") from None
+        if not parts.hostname:
+            raise RedisURLError(f"entry {index + 1} of the Sentinel URL has no host")
+        sentinels.append((parts.hostname, port))
+        if index == 0:  # kombu and Celery take the master's credentials and db from the first entry
+            username = unquote(parts.username) if parts.username else None
+            password = unquote(parts.password) if parts.password else None
+            path = parts.path.strip("/")
+            if path:
+                if not path.isdigit():
+                    raise RedisURLError("the database in a Sentinel URL must be a number")
+                db = int(path)
+    if not sentinels:
+        raise RedisURLError("the Sentinel URL names no Sentinel")
+    return SentinelURL(sentinels, db, username, password)
+
+
+def sentinel_master_name(settings: FleetSettings) -> str:
+    """The master name for a Sentinel ``REDIS_URL``, or a clear error if it is missing."""
+    if not settings.sentinel_master:
+        raise RedisURLError("REDIS_URL is a sentinel:// URL: set FLEET_SENTINEL_MASTER to the master's name")
+    return settings.sentinel_master
+
+
+def _sentinel_parts(settings: FleetSettings, options: dict[str, Any]) -> tuple[SentinelURL, str, dict, dict]:
+    spec = parse_sentinel_url(settings.redis_url)
+    master = sentinel_master_name(settings)
+    # Sentinels get only the socket options (no password: the URL's credentials are the master's).
+    sentinel_kwargs = {key: value for key, value in options.items() if key.startswith("socket_")}
+    master_kwargs = {"db": spec.db, "connection_class": MasterFollowingConnection, **options}
+    if spec.username:
+        master_kwargs["username"] = spec.username
+    if spec.password:
+        master_kwargs["password"] = spec.password
+    return spec, master, sentinel_kwargs, master_kwargs
+
+
+def _with_policy(options: dict[str, Any], patient: bool) -> dict[str, Any]:
+    if patient:
+        options = {"retry": patient_retry(), "socket_connect_timeout": CONNECT_TIMEOUT_S, **options}
+    return options
+
+
+def redis_client(settings: FleetSettings, *, patient: bool = True, **options: Any) -> redis.Redis:
+    """A redis-py client for ``settings.redis_url``: plain, TLS, or the Sentinel master.
+
+    ``patient`` (the default) retries connection errors for up to ~19 s (``patient_retry``):
+    right for producers and workers. Probes that must answer fast (``fleet health``) pass
+    ``patient=False`` and get redis-py's short default. ``options`` are redis-py connection
+    keywords (``socket_timeout=2``, ...), applied to the master connections and, for the
+    socket ones, to the Sentinel connections too.
+    """
+    options = _with_policy(options, patient)
+    if not is_sentinel_url(settings.redis_url):
+        return redis.Redis.from_url(settings.redis_url, **options)
+    spec, master, sentinel_kwargs, master_kwargs = _sentinel_parts(settings, options)
+    sentinel = Sentinel(spec.sentinels, sentinel_kwargs=sentinel_kwargs)
+    return sentinel.master_for(master, **master_kwargs)
+
+
+def async_redis_client(settings: FleetSettings, *, patient: bool = True, **options: Any):
+    """The asyncio twin of ``redis_client`` (``redis.asyncio.Redis``), with the same retry policy."""
+    from redis import asyncio as aioredis
+    from redis.asyncio.retry import Retry as AsyncRetry
+    from redis.asyncio.sentinel import Sentinel as AsyncSentinel
+
+    if patient:
+        options = {"retry": AsyncRetry(EqualJitterBackoff(cap=RETRY_BACKOFF_CAP_S, base=RETRY_BACKOFF_BASE_S),
+                                       RETRY_ATTEMPTS),
+                   "socket_connect_timeout": CONNECT_TIMEOUT_S, **options}
+
+    if not is_sentinel_url(settings.redis_url):
+        return aioredis.Redis.from_url(settings.redis_url, **options)
+    spec, master, sentinel_kwargs, master_kwargs = _sentinel_parts(settings, options)
+    if master_kwargs.get("connection_class") is MasterFollowingConnection:
+        del master_kwargs["connection_class"]  # sync class; the asyncio client keeps redis-py's own
+    sentinel = AsyncSentinel(spec.sentinels, sentinel_kwargs=sentinel_kwargs)
+    return sentinel.master_for(master, **master_kwargs)
+
+
+def redacted_url(url: str) -> str:
+    """``url`` with every password replaced by ``**`` (for logs and error messages)."""
+    out = []
+    for chunk in url.split(";"):
+        parts = urlsplit(chunk.strip())
+        if parts.password:
+            user = parts.username or ""
+            host = parts.hostname or ""
+            netloc = f"{user}:**@{host}" + (f":{parts.port}" if parts.port else "")
+            chunk = parts._replace(netloc=netloc).geturl()
+        out.append(chunk)
+    return ";".join(out)

@@ -1,5 +1,6 @@
 """Fleet's producer side: the job contract and the client. Never imports torch."""
 
+from producer.async_client import AsyncFleetClient, AsyncJobHandle
 from producer.client import FleetClient, JobHandle
 from producer.contract import (
     ClassifyResult,
@@ -8,19 +9,24 @@ from producer.contract import (
     GenerateResult,
     JobError,
     JobStatus,
+    TrainProgress,
+    TrainResult,
 )
 from producer.errors import (
     FleetError,
     InvalidRequest,
     JobCancelled,
+    JobExpired,
     JobFailedError,
     JobTimeout,
+    QueueFull,
     UnknownModel,
     WrongModelKind,
 )
 
 __all__ = [
     "FleetClient", "JobHandle", "EmbedResult", "ClassifyResult", "GenerateResult", "ErrorCode",
-    "JobError", "JobStatus", "FleetError", "InvalidRequest", "JobCancelled", "JobFailedError",
-    "JobTimeout", "UnknownModel", "WrongModelKind",
+    "JobError", "JobStatus", "FleetError", "InvalidRequest", "JobCancelled", "JobExpired", "QueueFull", "JobFailedError",
+    "JobTimeout", "UnknownModel", "WrongModelKind", "AsyncFleetClient", "AsyncJobHandle",
+    "TrainProgress", "TrainResult",
 ]

@@ -68,3 +68,18 @@ class JobCancelled(FleetError):
 
 class JobTimeout(FleetError, TimeoutError):
     """No result arrived within the caller's timeout; the job may still finish later."""
+
+
+class QueueFull(FleetError):
+    """The target queue holds ``max_queue_depth`` jobs or more; nothing was enqueued.
+
+    Raised at once, or after waiting up to the caller's ``block_s`` for room.
+    """
+
+    def __init__(self, queue: str, depth: int, limit: int):
+        super().__init__(f"queue {queue} holds {depth} jobs (limit {limit}); try later or raise FLEET_MAX_QUEUE_DEPTH")
+        self.queue, self.depth, self.limit = queue, depth, limit
+
+
+class JobExpired(FleetError):
+    """The job's deadline passed before a worker started it; it was not computed."""

@@ -11,6 +11,10 @@ PREFIX = "fleet"
 #: Hash: model name -> JSON ``{"kind": ..., "queue": ...}`` of every model the fleet serves.
 CATALOG = f"{PREFIX}:catalog"
 
+#: Hash: model name -> JSON registry entry of a model a training job produced (``register_as``).
+#: Workers merge these with their registry file at start.
+TRAINED_MODELS = f"{PREFIX}:trained-models"
+
 #: Set of worker names that have sent a heartbeat; each has a ``worker_heartbeat`` key.
 WORKERS = f"{PREFIX}:workers"
 

@@ -19,7 +19,15 @@ class FleetSettings(BaseSettings):
     redis_url: str = Field(DEFAULT_REDIS_URL, validation_alias=AliasChoices("REDIS_URL", "FLEET_REDIS_URL"))
     #: How long results (and Fleet's job records) stay in Redis.
     result_expires_s: int = Field(24 * 3600, ge=60)
-    #: An unacked message returns to its queue after this long. Must exceed the longest job.
-    visibility_timeout_s: int = Field(12 * 3600, ge=60)
+    #: An unacked message returns to its queue after this long. Must exceed the longest job
+    #: (docs/RELIABILITY.md); values of a few seconds are for crash and chaos tests only.
+    visibility_timeout_s: int = Field(12 * 3600, ge=1)
+    #: Backpressure: the client refuses (``QueueFull``) to grow a queue past this depth; 0 = no limit.
+    max_queue_depth: int = Field(100_000, ge=0)
+    #: How long an idempotency key keeps returning the job first submitted with it.
+    idempotency_window_s: int = Field(24 * 3600, ge=1)
     #: How long the client trusts its cached copy of the model catalog.
     catalog_cache_s: float = Field(5.0, ge=0)
+    #: Redis Sentinel: the monitored master's name, needed when ``REDIS_URL`` is a ``sentinel://`` URL
+    #: (``FLEET_SENTINEL_MASTER``). See producer/redis_connection.py and docs/RELIABILITY.md.
+    sentinel_master: str | None = Field(None, min_length=1)

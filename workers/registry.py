@@ -7,6 +7,7 @@ here imports torch.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import tomllib
 from enum import Enum
@@ -76,6 +77,22 @@ def load_registry(path: Path) -> dict[str, ModelSpec]:
         except ValidationError as exc:
             raise RegistryError(f"model {name!r} in {path}: {exc}") from None
     return specs
+
+
+def with_trained_models(registry: dict[str, ModelSpec], trained: dict[str, str]) -> dict[str, ModelSpec]:
+    """Add models registered by training jobs (name -> JSON entry) to ``registry``.
+
+    The registry file wins on a name clash; a malformed entry raises ``RegistryError``.
+    """
+    merged = dict(registry)
+    for name, raw in trained.items():
+        if name in merged:
+            continue
+        try:
+            merged[name] = ModelSpec(name=name, **json.loads(raw))
+        except (ValueError, ValidationError) as exc:
+            raise RegistryError(f"trained model {name!r}: {exc}") from None
+    return merged
 
 
 def select(registry: dict[str, ModelSpec], names: list[str]) -> list[ModelSpec]:

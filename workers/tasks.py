@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Callable
 
+from celery import states
 from celery.exceptions import Ignore
 from pydantic import BaseModel, ValidationError
 
@@ -84,6 +85,10 @@ class JobContext:
             attempt, _ = pipe.execute()
         return int(attempt)
 
+    def already_finished(self) -> bool:
+        """True if the result backend already holds this job's SUCCESS (a redelivery after a lost ack)."""
+        return self.task.backend.get_state(self.job_id) == states.SUCCESS
+
     def expired(self) -> bool:
         """True if the job's deadline (Celery ``expires``) has passed."""
         expires = self.task.request.expires
@@ -138,6 +143,9 @@ def run_job(task, kind: ModelKind, request_cls: type[BaseModel], args: tuple, kw
     runtime = runtime_module.current()
     context = JobContext(task)
     attempt = context.begin_attempt()
+    if attempt > 1 and context.already_finished():
+        log.info("job %s already succeeded; skipping its redelivery", context.job_id)
+        raise Ignore()  # keep the stored result; compute nothing twice
     request = parse_payload(request_cls, args, kwargs)
     if context.cancelled():
         context.stop_as_cancelled()

@@ -18,11 +18,12 @@ from dataclasses import dataclass
 import redis
 from celery import signals
 
-from producer import keys
+from producer import keys, redis_connection
+from producer.contract import TRAINING_QUEUE
 from workers.devices import DeviceError, choose_device, device_identity, parse_device, pin_cuda_device
 from workers.health import Heartbeat
 from workers.logs import configure_logging
-from workers.registry import RegistryError, load_registry, select
+from workers.registry import RegistryError, load_registry, select, with_trained_models
 from workers.settings import WorkerSettings
 
 log = logging.getLogger("fleet.worker")
@@ -107,9 +108,12 @@ def run_worker(options: WorkerOptions, settings: WorkerSettings | None = None) -
     """Run one worker until it is shut down; return the process exit code."""
     settings = settings or WorkerSettings()
     configure_logging(settings.log_level)
+    redis_client = redis_connection.redis_client(settings)
     try:
         requested = pin_cuda_device(parse_device(options.device))
-        specs = select(load_registry(settings.model_registry), options.models)
+        trained = {name.decode(): raw for name, raw in redis_client.hgetall(keys.TRAINED_MODELS).items()}
+        registry = with_trained_models(load_registry(settings.model_registry), trained)
+        specs = select(registry, options.models)
     except (DeviceError, RegistryError) as exc:
         log.error("cannot start worker: %s", exc)
         return EXIT_CONFIG_ERROR
@@ -139,7 +143,6 @@ def run_worker(options: WorkerOptions, settings: WorkerSettings | None = None) -
         return EXIT_LOAD_ERROR
     runtime_module.install(runtime)
 
-    redis_client = redis.Redis.from_url(settings.redis_url)
     publish_catalog(redis_client, specs)
     name = worker_name(options, choice.device, settings.hostname)
     identity = device_identity(choice.device)
@@ -155,6 +158,7 @@ def run_worker(options: WorkerOptions, settings: WorkerSettings | None = None) -
             "load": {n: {"load_s": r.report.load_s, "rss_bytes": r.report.rss_bytes,
                          "cuda_allocated_bytes": r.report.cuda_allocated_bytes,
                          "cuda_reserved_bytes": r.report.cuda_reserved_bytes} for n, r in runtime.models.items()},
+            "batching": {n: r.batcher.stats_snapshot() for n, r in runtime.models.items() if r.batcher is not None},
         }
 
     heartbeat = Heartbeat(redis_client, name, snapshot, settings.heartbeat_interval_s,
@@ -169,23 +173,29 @@ def run_worker(options: WorkerOptions, settings: WorkerSettings | None = None) -
         heartbeat.ready = False
         heartbeat.beat()
         log.info("draining: %d job(s) in flight, grace %.1f s", runtime.in_flight, settings.drain_grace_s)
-        start_drain_watchdog(worker, runtime, settings.drain_grace_s, on_exit=heartbeat.stop,
+        start_drain_watchdog(worker, runtime, settings.drain_grace_s, on_exit=stop_services,
                              redis_client=redis_client)
 
-    queues = [spec.queue for spec in specs]
+    def stop_services() -> None:
+        heartbeat.stop()
+        worker_telemetry.shutdown()  # flush spans and metrics before a hard exit
+
+    queues = [spec.queue for spec in specs] + ([TRAINING_QUEUE] if options.train else [])
+    # A training-only worker takes one job at a time, so that queued training jobs stay in
+    # Redis (visible to autoscalers) instead of waiting in this process.
+    concurrency = 1 if options.train and not specs else settings.concurrency
     signals.worker_ready.connect(on_ready, weak=False)
     signals.worker_shutting_down.connect(on_shutdown, weak=False)
 
     from workers.app import app
 
-    worker = app.Worker(hostname=name, pool="threads", concurrency=settings.concurrency, queues=queues,
+    worker = app.Worker(hostname=name, pool="threads", concurrency=concurrency, queues=queues,
                         loglevel=settings.log_level.upper(), without_mingle=True, without_gossip=True,
                         optimization="fair")
     try:
         worker.start()
     finally:
-        heartbeat.stop()
+        stop_services()
         runtime.close()
-        worker_telemetry.shutdown()
     return worker.exitcode or 0
 

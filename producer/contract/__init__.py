@@ -11,3 +11,10 @@ from producer.contract.inference import (  # noqa: F401
     GenerateResult,
     LabelScore,
 )
+from producer.contract.training import (  # noqa: F401
+    Precision,
+    TrainKind,
+    TrainProgress,
+    TrainRequest,
+    TrainResult,
+)

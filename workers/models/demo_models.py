@@ -15,21 +15,14 @@ import logging
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (
-    AutoTokenizer,
-    BertForSequenceClassification,
-    LlamaConfig,
-    LlamaForCausalLM,
-    PreTrainedTokenizerFast,
-)
+from transformers import AutoTokenizer, BertForSequenceClassification
 
-from workers.registry import resolve_source, ModelSpec
+from workers.registry import ModelSpec, resolve_source
+from workers.training.data import load_fables, train_tokenizer
+from workers.training.models import build_tiny_llama
+from workers.training.workloads import LM_VOCAB_SIZE
 
 log = logging.getLogger(__name__)
-
-CORPUS = Path(__file__).resolve().parent.parent / "training" / "corpus"
-SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
 
 TOPIC_EXAMPLES = {
     "music": ["A man is playing a guitar on stage.", "The orchestra performed a symphony.",
@@ -49,35 +42,15 @@ TOPIC_EXAMPLES = {
 }
 
 
-def corpus_text() -> str:
-    """The repository's public-domain training corpus as one string."""
-    return "\n".join(path.read_text() for path in sorted(CORPUS.glob("*.txt")))
-
-
-def train_bpe_tokenizer(text: str, vocab_size: int = 1024) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer trained on ``text``, with <s>, </s>, <pad>, <unk> specials."""
-    tokenizer = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk_token"]))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS.values()),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tokenizer.train_from_iterator(text.splitlines(), trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **SPECIAL_TOKENS)
-
-
-def tiny_llama_config(tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:
-    """A small Llama configuration sized for CPU training and serving."""
-    return LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
-                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                       pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
-
-
 def write_tiny_llama(directory: Path, seed: int = 0) -> Path:
-    """Random-weight tiny Llama plus its tokenizer, saved with ``save_pretrained`` (safetensors)."""
+    """Random-weight tiny Llama plus its tokenizer, saved with ``save_pretrained`` (safetensors).
+
+    The same tokenizer and architecture as a ``causal_lm`` training job starts from
+    (``workers.training``), so a trained model replaces this one as is.
+    """
     torch.manual_seed(seed)
-    tokenizer = train_bpe_tokenizer(corpus_text())
-    model = LlamaForCausalLM(tiny_llama_config(tokenizer))
+    tokenizer = train_tokenizer(load_fables(), LM_VOCAB_SIZE)
+    model = build_tiny_llama(tokenizer)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory

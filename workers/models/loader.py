@@ -26,8 +26,9 @@ def _implementation(spec: ModelSpec):
 
         return Generator
     from workers.models.classifier import TextClassifier
+    from workers.models.feature_classifier import FeatureClassifier, is_feature_classifier
 
-    return TextClassifier
+    return FeatureClassifier if is_feature_classifier(spec) else TextClassifier
 
 
 def load_model(spec: ModelSpec, device: str):

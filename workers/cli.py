@@ -46,7 +46,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
 
     from workers.logs import configure_logging
     from workers.settings import WorkerSettings
-    from workers.supervisor import PlanError, Supervised, Supervisor, plan_workers, visible_gpus, worker_command
+    from workers.supervisor import PlanError, Supervised, Supervisor, plan_workers, visible_gpus
 
     settings = WorkerSettings()
     configure_logging(settings.log_level)
@@ -55,7 +55,12 @@ def _cmd_up(args: argparse.Namespace) -> int:
     except PlanError as exc:
         print(f"fleet up: {exc}", file=sys.stderr)
         return 2
-    children = [Supervised(plan, worker_command(plan, args.models, args.registry, args.train)) for plan in plans]
+    children = [Supervised.worker(plan, args.models, args.registry, args.train) for plan in plans]
+    if args.flower:
+        from workers import flower
+
+        children.append(Supervised(flower.NAME, flower.flower_command(args.flower_port)))
+        print(f"fleet up: Flower dashboard on http://{flower.ADDRESS}:{args.flower_port}", file=sys.stderr)
     return Supervisor(children, settings.drain_grace_s).run()
 
 
@@ -109,6 +114,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from workers import flower as flower_defaults  # constants only: imports neither Celery nor Flower
+
     parser = argparse.ArgumentParser(prog="fleet", description="Fleet: ML jobs on a Redis queue.")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -134,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--models", default="", help="comma-separated model names every worker serves")
     up.add_argument("--registry", default=None, help="model registry TOML (default $FLEET_MODEL_REGISTRY)")
     up.add_argument("--train", action="store_true", help="workers also take training jobs")
+    up.add_argument("--flower", action="store_true", help="also run the Flower dashboard (on 127.0.0.1)")
+    up.add_argument("--flower-port", type=int, default=flower_defaults.DEFAULT_PORT,
+                    help=f"Flower's port (default {flower_defaults.DEFAULT_PORT})")
     up.set_defaults(func=_cmd_up)
 
     models = commands.add_parser("models", help="manage models")

@@ -3,7 +3,8 @@
 Each worker is a separate ``fleet worker`` process (fork + exec: nothing CUDA-initialised is
 ever forked), pinned with ``CUDA_VISIBLE_DEVICES`` so it sees exactly one GPU. A worker that
 dies is restarted with exponential backoff; SIGINT/SIGTERM stops them all (each drains).
-The supervisor itself never imports torch.
+Other children (``--flower``: the Flower dashboard, see ``workers.flower``) are supervised the
+same way. The supervisor itself never imports torch.
 """
 
 from __future__ import annotations
@@ -85,23 +86,30 @@ def plan_workers(devices: str, gpus: list[str], hostname: str) -> list[WorkerPla
 
 @dataclass
 class Supervised:
-    """A running (or waiting-to-restart) child process and its restart bookkeeping."""
+    """A running (or waiting-to-restart) child process and its restart bookkeeping.
 
-    plan: WorkerPlan
+    ``name`` is what the logs call it; ``env`` is laid over this process's environment.
+    """
+
+    name: str
     command: list[str]
+    env: dict[str, str] = field(default_factory=dict)
     process: subprocess.Popen | None = None
     started_at: float = 0.0
     restarts: int = 0
     backoff_s: float = BACKOFF_START_S
     restart_at: float | None = None
-    extra_env: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def worker(cls, plan: WorkerPlan, models: str, registry: str | None, train: bool) -> "Supervised":
+        """The ``fleet worker`` child for ``plan``, with its pinning environment."""
+        return cls(plan.name, worker_command(plan, models, registry, train), plan.env)
 
     def start(self) -> None:
-        env = {**os.environ, **self.extra_env, **self.plan.env}
-        self.process = subprocess.Popen(self.command, env=env)
+        self.process = subprocess.Popen(self.command, env={**os.environ, **self.env})
         self.started_at = time.monotonic()
         self.restart_at = None
-        log.info("started %s (pid %d)", self.plan.name, self.process.pid)
+        log.info("started %s (pid %d)", self.name, self.process.pid)
 
 
 class Supervisor:
@@ -113,7 +121,7 @@ class Supervisor:
         self._stopping = False
 
     def _request_stop(self, signum: int, _frame: object) -> None:
-        log.info("received %s: stopping all workers", signal.Signals(signum).name)
+        log.info("received %s: stopping all children", signal.Signals(signum).name)
         self._stopping = True
 
     def run(self, poll_s: float = 0.5) -> int:
@@ -140,7 +148,7 @@ class Supervisor:
                 child.backoff_s = BACKOFF_START_S
             return
         child.restart_at = now + child.backoff_s
-        log.warning("%s exited with code %s; restarting in %.0f s", child.plan.name, code, child.backoff_s)
+        log.warning("%s exited with code %s; restarting in %.0f s", child.name, code, child.backoff_s)
         child.backoff_s = min(child.backoff_s * 2, BACKOFF_MAX_S)
 
     def _stop_all(self) -> int:
@@ -155,7 +163,7 @@ class Supervisor:
                 log.error("pid %d did not drain in time; killing it", process.pid)
                 process.kill()
                 process.wait()
-        log.info("all workers stopped")
+        log.info("all children stopped")
         return 0
 
 

@@ -290,6 +290,10 @@ class AsyncFleetClient:
         return await loop.run_in_executor(self._executor, lambda: function(*args, **kwargs))
 
 
+#: How long ``watch`` waits for Redis to confirm its subscriptions before relying on re-reads (s).
+SUBSCRIBE_CONFIRM_S = 2.0
+
+
 class _ResultRouter:
     """One pub/sub connection per client and one task reading it.
 
@@ -304,7 +308,7 @@ class _ResultRouter:
         self._reader: asyncio.Task | None = None
         self._watchers: dict[bytes, set[asyncio.Queue]] = {}
         self._confirmations: dict[bytes, list[asyncio.Future]] = {}
-        self._error: BaseException | None = None
+        self._subscribe_lock = asyncio.Lock()
 
     async def watch(self, channels: list[bytes], inbox: asyncio.Queue) -> None:
         if not channels:
@@ -318,11 +322,25 @@ class _ResultRouter:
             future = loop.create_future()
             self._confirmations.setdefault(channel, []).append(future)
             waits.append(future)
-        for start in range(0, len(channels), SUBSCRIBE_CHUNK):
-            await self._pubsub.subscribe(*channels[start:start + SUBSCRIBE_CHUNK])
+        # One subscriber at a time: redis-py's asyncio PubSub opens its connection on the first
+        # SUBSCRIBE, and concurrent first calls each open one; confirmations and results sent
+        # to all but the last are never read.
+        async with self._subscribe_lock:
+            for start in range(0, len(channels), SUBSCRIBE_CHUNK):
+                await self._pubsub.subscribe(*channels[start:start + SUBSCRIBE_CHUNK])
         if self._reader is None or self._reader.done():
             self._reader = asyncio.create_task(self._read(), name="fleet-results")
-        await asyncio.gather(*waits)
+        try:
+            await asyncio.wait_for(asyncio.gather(*waits), SUBSCRIBE_CONFIRM_S)
+        except asyncio.TimeoutError:
+            # A confirmation that never came must not hang the caller: it goes on with its MGET
+            # and the periodic re-read, which find results whatever pub/sub delivered.
+            for channel, future in zip(channels, waits):
+                waiting = self._confirmations.get(channel)
+                if waiting and future in waiting:
+                    waiting.remove(future)
+                    if not waiting:
+                        del self._confirmations[channel]
 
     async def unwatch(self, channels: list[bytes], inbox: asyncio.Queue) -> None:
         idle = []

@@ -55,6 +55,16 @@ def ready(client) -> list[dict]:
     return [b for b in read_heartbeats(client) if b.get("ready")]
 
 
+def jobs_done_by_worker(client, at_least: int, wait_s: float = 10.0) -> dict[str, int]:
+    """Jobs done per ready worker, read from heartbeats; waits (a few beats) for the counts to reach ``at_least``."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        done = {w["name"]: w["jobs_done"] for w in ready(client)}
+        if sum(done.values()) >= at_least or time.monotonic() > deadline:
+            return done
+        time.sleep(0.25)
+
+
 @pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_one_worker_per_gpu_with_mixed_jobs(tmp_path):
     registry = write_random_models(tmp_path)
@@ -87,7 +97,7 @@ def test_one_worker_per_gpu_with_mixed_jobs(tmp_path):
             results = [h.result(timeout=300) for h in handles]
             elapsed = time.perf_counter() - started
             assert len(results) == JOBS and all(r.device == "cuda:0" for r in results)
-            done = {w["name"]: w["jobs_done"] for w in ready(client._redis)}
+            done = jobs_done_by_worker(client._redis, at_least=JOBS)
             assert sum(done.values()) >= JOBS and all(count > 0 for count in done.values()), done
             report = {"jobs": JOBS, "seconds": round(elapsed, 2), "jobs_per_s": round(JOBS / elapsed, 1),
                       "workers": [{"name": w["name"], "device_name": w["device_name"], "uuid": w["device_uuid"],

@@ -29,12 +29,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_health(args: argparse.Namespace) -> int:
     import redis
 
+    from producer.redis_connection import RedisURLError, redis_client
     from producer.settings import FleetSettings
     from workers.health import probe
 
-    client = redis.Redis.from_url(FleetSettings().redis_url, socket_connect_timeout=2, socket_timeout=2)
     try:
+        client = redis_client(FleetSettings(), patient=False, socket_connect_timeout=2, socket_timeout=2)
         ok, reason = probe(client, worker=args.worker, live=args.live)
+    except RedisURLError as exc:
+        ok, reason = False, f"bad REDIS_URL: {exc}"
     except redis.RedisError as exc:
         ok, reason = False, f"Redis unreachable: {exc}"
     print(("ok: " if ok else "failed: ") + reason)
@@ -80,12 +83,11 @@ def _cmd_models_init_demo(args: argparse.Namespace) -> int:
 def _cmd_dlq(args: argparse.Namespace) -> int:
     import json
 
-    import redis
-
+    from producer.redis_connection import redis_client
     from producer.settings import FleetSettings
     from workers import dlq
 
-    client = redis.Redis.from_url(FleetSettings().redis_url)
+    client = redis_client(FleetSettings())
     if args.dlq_command == "list":
         for entry in dlq.list_entries(client):
             print(f"{entry['job_id']}  {entry['task']:<15} attempts={entry['attempts']}  {entry['reason']}")
@@ -105,6 +107,12 @@ def _cmd_dlq(args: argparse.Namespace) -> int:
     dlq.retry(client, app, args.job_id)
     print(f"re-sent job {args.job_id} to {entry['queue']}")
     return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from workers.train_cli import run_train_command
+
+    return run_train_command(args)
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
@@ -160,6 +168,19 @@ def build_parser() -> argparse.ArgumentParser:
         command = dead_commands.add_parser(name, help=text)
         command.add_argument("job_id")
         command.set_defaults(func=_cmd_dlq)
+
+    train = commands.add_parser("train", help="submit a training job (mlp, cnn, causal_lm)")
+    train.add_argument("kind", choices=["mlp", "cnn", "causal_lm"])
+    train.add_argument("--dataset", default=None, help="digits (mlp, cnn) or corpus (causal_lm)")
+    train.add_argument("--epochs", type=int, default=None)
+    train.add_argument("--batch-size", type=int, default=None)
+    train.add_argument("--lr", type=float, default=None, help="peak learning rate")
+    train.add_argument("--grad-accum", type=int, default=None, help="micro-batches per optimizer step")
+    train.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None)
+    train.add_argument("--seed", type=int, default=None)
+    train.add_argument("--register-as", default=None, help="serve the finished model under this name")
+    train.add_argument("--follow", action="store_true", help="show live progress and the final metrics")
+    train.set_defaults(func=_cmd_train)
 
     status = commands.add_parser("status", help="print workers, devices, models and queue depths")
     status.set_defaults(func=_cmd_status)

@@ -492,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bench: {meta['date']} {meta['machine'].get('cpu_model')} x{meta['machine']['cpu_count']}, "
           f"commit {meta['machine'].get('commit')}, device {profile.device}, model {profile.model}", flush=True)
 
-    server = RedisServer(extra_args=["--client-output-buffer-limit", "pubsub 0 0 0"]).start()
+    server = RedisServer(extra_args=["--client-output-buffer-limit", "pubsub", "0", "0", "0"]).start()
     report: dict = {"meta": meta, "systems": {}}
     phases: list[PhaseResult] = []
     try:

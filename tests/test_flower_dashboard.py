@@ -1,6 +1,8 @@
 """The Flower dashboard in a real browser: `fleet up --devices cpu --flower` on a private Redis.
 
-A real worker serves embed jobs submitted with FleetClient; Debian Chromium, driven by
+Flower runs with HTTP basic auth (``FLOWER_BASIC_AUTH``, as every shipped config sets it): a
+browser without credentials is refused (401); one that logs in sees the dashboard. A real
+worker serves embed jobs submitted with FleetClient; Debian Chromium, driven by
 Playwright, must list the worker as online on Flower's workers page and show every job as
 `fleet.embed`, SUCCESS, run by that worker on the tasks page. `fleet up` must restart a
 killed Flower, and stop it when it stops.
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import signal
 import socket
 import subprocess
@@ -23,6 +26,7 @@ from pathlib import Path
 
 import pytest
 import redis
+from playwright.sync_api import Error as PlaywrightError
 from playwright.sync_api import expect, sync_playwright
 
 from producer import FleetClient
@@ -36,6 +40,8 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 #: Generous bounds for slow machines (loading the model on 2 cores); none is a performance check.
 START_TIMEOUT_S = 240
 PAGE_TIMEOUT_MS = 60_000
+#: The dashboard's login for this test (Flower's basic auth, "user:password").
+FLOWER_USER, FLOWER_PASSWORD = "fleet-admin", secrets.token_urlsafe(12)
 
 pytestmark = [
     pytest.mark.integration,
@@ -71,7 +77,8 @@ def fleet_with_flower(tmp_path):
     log_path = tmp_path / "up.log"
     log = log_path.open("w")
     env = {**os.environ, "REDIS_URL": server.url, "FLEET_HOSTNAME": worker.partition("@")[2],
-           "FLEET_TORCH_THREADS": "1", "FLEET_CONCURRENCY": "8", "HF_HUB_OFFLINE": "1"}
+           "FLEET_TORCH_THREADS": "1", "FLEET_CONCURRENCY": "8", "HF_HUB_OFFLINE": "1",
+           "FLOWER_BASIC_AUTH": f"{FLOWER_USER}:{FLOWER_PASSWORD}"}
     process = subprocess.Popen([*fleet_executable(), "up", "--devices", "cpu", "--models", "minilm",
                                 "--flower", "--flower-port", str(port)],
                                env=env, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
@@ -101,6 +108,14 @@ def launch_chromium(playwright):
     return playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
 
 
+def login_refused(page, url: str) -> bool:
+    """True if Flower refuses ``url`` to this page's credentials: a 401, or Chromium's auth error for it."""
+    try:
+        return page.goto(url).status == 401
+    except PlaywrightError as exc:
+        return "ERR_INVALID_AUTH_CREDENTIALS" in str(exc)
+
+
 def succeeded_rows(page, tasks_url: str, job_ids: list[str]) -> bool:
     """Load the tasks page afresh; True once every job's row carries the SUCCESS badge."""
     page.goto(tasks_url, wait_until="networkidle")
@@ -108,15 +123,19 @@ def succeeded_rows(page, tasks_url: str, job_ids: list[str]) -> bool:
                for job_id in job_ids)
 
 
-def test_flower_lists_the_worker_and_its_succeeded_embed_jobs(fleet_with_flower, tmp_path):
+def test_flower_behind_auth_lists_the_worker_and_its_succeeded_embed_jobs(fleet_with_flower, tmp_path):
     flower, worker = fleet_with_flower["flower"], fleet_with_flower["worker"]
     screenshot = Path(os.environ.get("FLEET_FLOWER_SCREENSHOT") or tmp_path / "flower.png")
     with sync_playwright() as playwright:
         browser = launch_chromium(playwright)
         try:
-            page = browser.new_page(viewport={"width": 1440, "height": 720})
+            assert login_refused(browser.new_page(), f"{flower}/workers")
+            assert login_refused(browser.new_page(http_credentials={"username": FLOWER_USER, "password": "wrong"}),
+                                 f"{flower}/workers")
 
-            page.goto(f"{flower}/workers")
+            page = browser.new_page(viewport={"width": 1440, "height": 720},
+                                    http_credentials={"username": FLOWER_USER, "password": FLOWER_PASSWORD})
+            assert page.goto(f"{flower}/workers").status == 200
             worker_row = page.locator("#workers-table tbody tr", has_text=worker)
             expect(worker_row).to_have_count(1, timeout=PAGE_TIMEOUT_MS)
             expect(worker_row.locator(".badge")).to_have_text("Online")

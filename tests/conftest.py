@@ -61,3 +61,15 @@ def demo_registry(tmp_path_factory):
     from workers.models.demo_models import init_demo
 
     return init_demo(tmp_path_factory.mktemp("demo-models"))
+
+
+# --- Hypothesis profiles (property tests) ------------------------------------------------------------
+
+from hypothesis import settings as hypothesis_settings  # noqa: E402
+
+#: ``fleet`` (the default) makes every run try the same examples (derandomized: CI is reproducible),
+#: keeps no example database in the checkout, and sets no per-example deadline (a busy 2-core CI machine
+#: is slow). ``FLEET_HYPOTHESIS_PROFILE=explore`` draws fresh random examples, at least 1000 per property.
+hypothesis_settings.register_profile("fleet", derandomize=True, database=None, deadline=None)
+hypothesis_settings.register_profile("explore", derandomize=False, database=None, deadline=None, max_examples=1000)
+hypothesis_settings.load_profile(os.environ.get("FLEET_HYPOTHESIS_PROFILE", "fleet"))

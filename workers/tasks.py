@@ -14,6 +14,8 @@ from typing import Any, Callable
 
 from celery import states
 from celery.exceptions import Ignore
+from celery.utils.time import maybe_iso8601
+from celery.worker.request import Request
 from pydantic import BaseModel, ValidationError
 
 from producer import keys
@@ -48,8 +50,6 @@ def parse_payload(request_cls: type[BaseModel], args: tuple, kwargs: dict) -> Ba
                              "expected exactly one positional argument: the request object",
                              {"positional": len(args), "keywords": sorted(kwargs)})
     payload = args[0]
-    if len(json.dumps(payload)) > Limits.MAX_PAYLOAD_BYTES:
-        raise JobFailedError(ErrorCode.INVALID_INPUT.value, f"payload exceeds {Limits.MAX_PAYLOAD_BYTES} bytes")
     version = payload.get("v", PROTOCOL_VERSION)
     if version != PROTOCOL_VERSION:
         raise JobFailedError(ErrorCode.UNSUPPORTED_PROTOCOL.value,
@@ -57,9 +57,67 @@ def parse_payload(request_cls: type[BaseModel], args: tuple, kwargs: dict) -> Ba
     try:
         return request_cls.model_validate(payload)
     except ValidationError as exc:
+        # A request the contract accepts is never refused for its size (256 texts of 8192 non-ASCII
+        # characters exceed MAX_PAYLOAD_BYTES as JSON); an invalid oversized one gets no per-item details.
+        if len(json.dumps(payload)) > Limits.MAX_PAYLOAD_BYTES:
+            raise JobFailedError(ErrorCode.INVALID_INPUT.value,
+                                 f"invalid {request_cls.__name__}; payload exceeds {Limits.MAX_PAYLOAD_BYTES} bytes",
+                                 {"error_count": exc.error_count()}) from None
         errors = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
         raise JobFailedError(ErrorCode.INVALID_INPUT.value, f"invalid {request_cls.__name__}",
                              {"errors": errors}) from None
+
+
+#: Request attribute naming the malformed Celery protocol headers ``FleetRequest`` dropped.
+BAD_HEADERS = "fleet_bad_headers"
+
+
+def _drop_malformed_headers(headers: dict) -> dict[str, str]:
+    """Replace the Celery protocol headers that the worker would choke on; return ``{name: repr}`` of each.
+
+    Celery trusts these: an ``id`` that is not a string, a ``timelimit`` that is not a pair of numbers or
+    ``stamped_headers`` that is not a list raises inside the consumer and kills the worker (and every worker
+    the unacked message goes to next); an ``eta``/``expires`` that is not ISO 8601 makes Celery discard the
+    message with no result.
+    """
+    bad: dict[str, str] = {}
+
+    def drop(name: str, replacement: Any) -> None:
+        bad[name] = repr(headers[name])[:200]
+        headers[name] = replacement
+
+    if "id" in headers and not isinstance(headers["id"], str):  # an unhashable id kills the consumer
+        drop("id", json.dumps(headers["id"], default=repr))
+    if headers.get("shadow") is not None and not isinstance(headers["shadow"], str):  # lost in the pool
+        drop("shadow", None)
+    limits = headers.get("timelimit")
+    if limits and not (isinstance(limits, (list, tuple)) and len(limits) == 2 and all(
+            limit is None or (isinstance(limit, (int, float)) and not isinstance(limit, bool)) for limit in limits)):
+        drop("timelimit", [None, None])
+    for name in ("eta", "expires"):
+        if headers.get(name) is not None:
+            try:
+                maybe_iso8601(headers[name])
+            except (AttributeError, ValueError, TypeError):
+                drop(name, None)
+    stamped = headers.get("stamped_headers")
+    if stamped is not None and not (isinstance(stamped, list) and all(isinstance(h, str) for h in stamped)):
+        drop("stamped_headers", None)
+    if headers.get("stamps") is not None and not isinstance(headers["stamps"], dict):
+        drop("stamps", None)
+    return bad
+
+
+class FleetRequest(Request):
+    """Celery's worker-side request, minus its trust in protocol headers: a malformed one is dropped
+    before Celery reads it, and ``run_job`` fails the job with ``invalid_input`` naming it."""
+
+    def __init__(self, message, *args, headers=None, **kwargs):
+        headers = message.headers if headers is None else headers
+        bad = _drop_malformed_headers(headers) if isinstance(headers, dict) else {}
+        super().__init__(message, *args, headers=headers, **kwargs)
+        if bad:
+            self._request_dict[BAD_HEADERS] = bad
 
 
 @dataclass
@@ -94,7 +152,11 @@ class JobContext:
         expires = self.task.request.expires
         if not expires:
             return False
-        deadline = datetime.fromisoformat(expires) if isinstance(expires, str) else expires
+        # Celery's own ISO 8601 parser (dateutil): it accepted this header, and it takes forms that
+        # datetime.fromisoformat refuses ("2030-01", "2030-01-01T24:00").
+        deadline = maybe_iso8601(expires) if isinstance(expires, str) else expires
+        if deadline.tzinfo is None:  # ISO 8601 without an offset: UTC, as Celery reads it (enable_utc)
+            deadline = deadline.replace(tzinfo=timezone.utc)
         return datetime.now(timezone.utc) >= deadline
 
     def stop_as_expired(self) -> None:
@@ -146,6 +208,10 @@ def run_job(task, kind: ModelKind, request_cls: type[BaseModel], args: tuple, kw
     if attempt > 1 and context.already_finished():
         log.info("job %s already succeeded; skipping its redelivery", context.job_id)
         raise Ignore()  # keep the stored result; compute nothing twice
+    bad_headers = getattr(task.request, BAD_HEADERS, None)
+    if bad_headers:
+        raise JobFailedError(ErrorCode.INVALID_INPUT.value, f"malformed message header(s): {', '.join(bad_headers)}",
+                             {"headers": bad_headers})
     request = parse_payload(request_cls, args, kwargs)
     if context.cancelled():
         context.stop_as_cancelled()
@@ -176,19 +242,19 @@ def run_job(task, kind: ModelKind, request_cls: type[BaseModel], args: tuple, kw
         runtime.job_finished(context.job_id)
 
 
-@app.task(name=TASK_EMBED, bind=True, throws=(JobFailedError,))
+@app.task(name=TASK_EMBED, bind=True, throws=(JobFailedError,), Request=FleetRequest)
 def embed_task(self, *args, **kwargs) -> dict:
     """Embed texts with a resident encoder (payload: ``EmbedRequest``; result: ``EmbedResult``)."""
     return run_job(self, ModelKind.EMBED, EmbedRequest, args, kwargs, inference.embed)
 
 
-@app.task(name=TASK_CLASSIFY, bind=True, throws=(JobFailedError,))
+@app.task(name=TASK_CLASSIFY, bind=True, throws=(JobFailedError,), Request=FleetRequest)
 def classify_task(self, *args, **kwargs) -> dict:
     """Classify texts or feature vectors (payload: ``ClassifyRequest``; result: ``ClassifyResult``)."""
     return run_job(self, ModelKind.CLASSIFY, ClassifyRequest, args, kwargs, inference.classify)
 
 
-@app.task(name=TASK_GENERATE, bind=True, throws=(JobFailedError,))
+@app.task(name=TASK_GENERATE, bind=True, throws=(JobFailedError,), Request=FleetRequest)
 def generate_task(self, *args, **kwargs) -> dict:
     """Generate text with a resident causal LM (payload: ``GenerateRequest``; result: ``GenerateResult``)."""
     return run_job(self, ModelKind.GENERATE, GenerateRequest, args, kwargs, inference.generate)

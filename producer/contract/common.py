@@ -10,7 +10,7 @@ import re
 from enum import Enum
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 __all__ = [
     "PROTOCOL_VERSION", "TASK_EMBED", "TASK_CLASSIFY", "TASK_GENERATE", "TASK_TRAIN",
@@ -72,7 +72,8 @@ class Limits:
     MAX_STOP_STRINGS = 8
     MAX_LABELS_RETURNED = 32
     MAX_FEATURES_PER_INPUT = 4_096
-    #: A whole serialized payload may not exceed this many bytes (defence in depth).
+    #: An invalid payload longer than this as JSON is refused without per-item error details (defence in
+    #: depth); a request within the limits above is never refused for its size.
     MAX_PAYLOAD_BYTES = 4 * 1024 * 1024
 
 
@@ -138,3 +139,13 @@ class WireModel(BaseModel):
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("v", check_fields=False)
+    @classmethod
+    def _speaks_this_protocol(cls, value: int) -> int:
+        """A request's ``v`` (where the model has one) must be the version this contract describes:
+        the worker refuses any other (``unsupported_protocol``), so the producer must not send it."""
+        if value != PROTOCOL_VERSION:
+            raise ValueError(f"protocol version {value!r} is not supported (this contract is version "
+                             f"{PROTOCOL_VERSION})")
+        return value

@@ -35,7 +35,11 @@ class EmbedResult(WireModel):
     vectors: list[list[float]]
 
 
-FeatureVector = Annotated[list[StrictFloat | StrictInt], Field(min_length=1, max_length=Limits.MAX_FEATURES_PER_INPUT)]
+#: A feature is a finite number that float32 (what the models compute in) can hold: NaN, infinity and
+#: larger numbers are refused here, not turned into NaN scores or an overflow in the worker.
+FLOAT32_MAX = 3.4028234663852886e38
+Feature = Annotated[StrictFloat | StrictInt, Field(ge=-FLOAT32_MAX, le=FLOAT32_MAX)]
+FeatureVector = Annotated[list[Feature], Field(min_length=1, max_length=Limits.MAX_FEATURES_PER_INPUT)]
 
 
 class ClassifyRequest(WireModel):
@@ -88,7 +92,8 @@ class GenerateRequest(WireModel):
     max_new_tokens: Annotated[StrictInt, Field(ge=1, le=Limits.MAX_NEW_TOKENS)] = 64
     temperature: Annotated[StrictFloat | StrictInt, Field(ge=0.0, le=5.0)] = 0.0
     top_p: Probability = 1.0
-    seed: Optional[StrictInt] = None
+    #: The range torch.Generator.manual_seed takes; a seed outside it failed in the model, every attempt.
+    seed: Optional[Annotated[StrictInt, Field(ge=-(2**63), le=2**64 - 1)]] = None
     stop: Annotated[list[Text], Field(max_length=Limits.MAX_STOP_STRINGS)] = Field(default_factory=list)
     stream: StrictBool = False
 

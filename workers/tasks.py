@@ -120,6 +120,14 @@ class FleetRequest(Request):
             self._request_dict[BAD_HEADERS] = bad
 
 
+def refuse_bad_headers(task) -> None:
+    """Fail the job with ``invalid_input`` if ``FleetRequest`` dropped malformed headers from its message."""
+    bad_headers = getattr(task.request, BAD_HEADERS, None)
+    if bad_headers:
+        raise JobFailedError(ErrorCode.INVALID_INPUT.value, f"malformed message header(s): {', '.join(bad_headers)}",
+                             {"headers": bad_headers})
+
+
 @dataclass
 class JobContext:
     """What a running job may ask of its task: attempts, deadline, cancellation, dead-lettering, streaming."""
@@ -208,10 +216,7 @@ def run_job(task, kind: ModelKind, request_cls: type[BaseModel], args: tuple, kw
     if attempt > 1 and context.already_finished():
         log.info("job %s already succeeded; skipping its redelivery", context.job_id)
         raise Ignore()  # keep the stored result; compute nothing twice
-    bad_headers = getattr(task.request, BAD_HEADERS, None)
-    if bad_headers:
-        raise JobFailedError(ErrorCode.INVALID_INPUT.value, f"malformed message header(s): {', '.join(bad_headers)}",
-                             {"headers": bad_headers})
+    refuse_bad_headers(task)
     request = parse_payload(request_cls, args, kwargs)
     if context.cancelled():
         context.stop_as_cancelled()

@@ -15,7 +15,7 @@ from producer.contract.training import TrainKind
 from producer.errors import JobFailedError
 from workers import runtime as runtime_module
 from workers.app import app
-from workers.tasks import JobContext, parse_payload
+from workers.tasks import FleetRequest, JobContext, parse_payload, refuse_bad_headers
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ def register_trained_model(context: JobContext, name: str, kind: TrainKind, arti
     return entry
 
 
-@app.task(name=TASK_TRAIN, bind=True, throws=(JobFailedError,))
+@app.task(name=TASK_TRAIN, bind=True, throws=(JobFailedError,), Request=FleetRequest)
 def train_task(self, *args, **kwargs) -> dict:
     """Train (payload: ``TrainRequest``; result: ``TrainResult``). Re-delivered, it resumes from its checkpoint."""
     from workers.training.artifacts import LocalDirectoryStore
@@ -45,6 +45,7 @@ def train_task(self, *args, **kwargs) -> dict:
 
     runtime = runtime_module.current()
     context = JobContext(self)
+    refuse_bad_headers(self)
     request = parse_payload(TrainRequest, args, kwargs)
     if context.cancelled():
         context.stop_as_cancelled()

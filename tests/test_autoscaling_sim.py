@@ -6,8 +6,9 @@ FLEET_CONCURRENCY) are read from the rendered overlays in infra/k8s, so these te
 when a manifest change would let the backlog pile up, leave replicas stranded after a
 burst, or cut a job off during scale-down. The model is bench/autoscale_sim.py.
 
-Worker throughput (jobs/s per replica) is a parameter: DEFAULT_JOBS_PER_S_PER_REPLICA until
-the benchmark measures it; GPU_JOBS_PER_S below likewise.
+Worker throughput (jobs/s per replica) is a parameter: DEFAULT_JOBS_PER_S_PER_REPLICA for
+CPU pods; GPU_JOBS_PER_S below, the one-worker saturated rate measured on an H100
+(docs/BENCHMARKS.md, GPU results).
 """
 
 from __future__ import annotations
@@ -35,9 +36,9 @@ def _load(name: str, path: Path):
 sim = _load("fleet_bench_autoscale_sim", ROOT / "bench" / "autoscale_sim.py")
 render = _load("fleet_infra_k8s_render", ROOT / "infra" / "k8s" / "render.py")
 
-#: Per-replica throughput assumed for one GPU worker (embed, minilm); a placeholder like
-#: sim.DEFAULT_JOBS_PER_S_PER_REPLICA until bench/ measures it.
-GPU_JOBS_PER_S = 250.0
+#: Per-replica throughput of one GPU worker: 142 single-text jobs/s saturated, measured on an
+#: H100 (docs/BENCHMARKS.md); bound by the per-job path, so the same for minilm as for BERT-base.
+GPU_JOBS_PER_S = 142.0
 SEED = 20240611
 
 

@@ -45,6 +45,7 @@ def _cmd_health(args: argparse.Namespace) -> int:
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
+    import os
     import socket
 
     from workers.logs import configure_logging
@@ -62,8 +63,10 @@ def _cmd_up(args: argparse.Namespace) -> int:
     if args.flower:
         from workers import flower
 
-        children.append(Supervised(flower.NAME, flower.flower_command(args.flower_port)))
-        print(f"fleet up: Flower dashboard on http://{flower.ADDRESS}:{args.flower_port}", file=sys.stderr)
+        auth_env, how_to_log_in = flower.flower_auth_env(dict(os.environ))
+        children.append(Supervised(flower.NAME, flower.flower_command(args.flower_port), auth_env))
+        print(f"fleet up: Flower dashboard on http://{flower.ADDRESS}:{args.flower_port} ({how_to_log_in})",
+              file=sys.stderr)
     return Supervisor(children, settings.drain_grace_s).run()
 
 

@@ -1,5 +1,8 @@
-"""The short chaos run for CI (about a minute and a half on two cores): 300 mixed jobs, 3 worker
-SIGKILLs, 1 Redis restart; nothing lost, nothing wrong, nothing duplicated.
+"""The short chaos run for CI (about two minutes on two cores): 300 mixed jobs, 3 worker
+SIGKILLs, 1 Redis restart; nothing wrong, nothing duplicated, and nothing lost except what a
+SIGKILL can take with it: a message Redis had handed to the killed worker (BRPOP) that the
+worker had not yet recorded as unacked, at most one per kill. The bench tells these apart by
+replaying Redis' append-only file (docs/RELIABILITY.md, "What a SIGKILL can lose").
 
 The long run (>= 5,000 jobs, >= 10 kills) is ``python -m bench.chaos``; its figures are in
 docs/RELIABILITY.md.
@@ -18,7 +21,7 @@ from tests.fleet_processes import REPO_ROOT
 pytestmark = pytest.mark.integration
 
 
-def test_short_chaos_run_loses_nothing(demo_registry, tmp_path):
+def test_short_chaos_run_loses_nothing_but_in_flight_deliveries_of_killed_workers(demo_registry, tmp_path):
     report_path = tmp_path / "chaos.json"
     done = subprocess.run([sys.executable, "-m", "bench.chaos", "--jobs", "300", "--kills", "3",
                            "--redis-restarts", "1", "--workers", "2", "--seed", "7", "--rate", "50",
@@ -27,14 +30,19 @@ def test_short_chaos_run_loses_nothing(demo_registry, tmp_path):
     tail = (done.stdout + done.stderr)[-6000:]
     assert report_path.exists(), tail
     report = json.loads(report_path.read_text())
-    print(json.dumps({k: v for k, v in report.items() if k != "events"}, indent=1))
+    print(json.dumps(report, indent=1))
     assert report["submitted"] == 300, tail
-    assert report["lost"] == 0, tail
+    assert sum("SIGKILLed" in event for event in report["events"]) == 3
+    assert report["workers_sigkilled"] == 3
+    assert sum("Redis restarted" in event for event in report["events"]) == 1
+    # Lost only where the AOF shows a message popped by a worker's BRPOP and never recorded in
+    # kombu's unacked hash, at most one per kill; anything else lost (or not placeable) fails.
+    assert report["lost_other"] == 0, tail
+    assert report["lost_in_delivery"] <= 3, tail
+    assert report["lost"] == report["lost_in_delivery"] + report["lost_other"], tail
     assert report["wrong"] == 0, tail
     assert report["failed_unexpectedly"] == 0 and report["dead_lettered"] == 0, tail
     assert report["duplicated"] == 0, tail
-    assert report["completed"] + report["failed_as_expected"] == 300, tail
+    assert report["completed"] + report["failed_as_expected"] + report["lost"] == 300, tail
     assert report["failed_as_expected"] > 0  # the invalid payloads were exercised
-    assert sum("SIGKILLed" in event for event in report["events"]) == 3
-    assert sum("Redis restarted" in event for event in report["events"]) == 1
     assert done.returncode == 0, tail

@@ -399,6 +399,12 @@ def completed_runs(workdir: Path) -> dict[str, list[tuple[str, str]]]:
     return {job_id: sorted(entries) for job_id, entries in runs.items()}
 
 
+def resent_after_loss(workdir: Path) -> int:
+    """Jobs the delivery sweeper sent again after their message was lost, over every worker's log."""
+    return len({match.group(1) for log in workdir.glob("chaos-w*.log")
+                for match in re.finditer(r"job ([0-9a-f-]{36}) was lost in delivery", log.read_text(errors="replace"))})
+
+
 def stored_more_than_once(entries: list[tuple[str, str]]) -> bool:
     """Whether later runs overwrote the result key: Celery ignores any store after a SUCCESS
     (``Backend._store_result`` reads the key first), so only runs after a first failed run count."""
@@ -768,7 +774,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             registry = init_demo(models_dir)
     env = {"FLEET_VISIBILITY_TIMEOUT_S": str(args.visibility_timeout), "FLEET_CONCURRENCY": str(args.concurrency),
            "FLEET_TORCH_THREADS": "1", "FLEET_LOG_LEVEL": "INFO", "HF_HUB_OFFLINE": "1",
-           "FLEET_DRAIN_GRACE_S": "30"}
+           "FLEET_DRAIN_GRACE_S": "30", "FLEET_SWEEP_INTERVAL_S": str(args.sweep_interval),
+           "FLEET_SWEEP_GRACE_S": str(args.sweep_grace)}
     if args.max_attempts:
         env["FLEET_MAX_ATTEMPTS"] = str(args.max_attempts)
     redis_args = ["--auto-aof-rewrite-percentage", "0"] if args.no_aof_rewrite else []
@@ -843,6 +850,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "submitted_by_kind": dict(Counter(job.kind for job in submitter.submitted)),
             "completed": outcomes["completed"], "failed_as_expected": outcomes["failed_as_expected"],
             "lost": outcomes["lost"],
+            "lost_via_client": sum(1 for job in submitter.submitted
+                                   if job.id in lost_where and job.kind != "invalid"),
+            "resent_after_loss": resent_after_loss(workdir),
             "lost_in_delivery": sum(where == IN_DELIVERY for where, _ in lost_where.values()),
             "lost_other": sum(where != IN_DELIVERY for where, _ in lost_where.values()),
             "workers_sigkilled": fleet.kills_done, "wrong": outcomes["wrong"],
@@ -865,10 +875,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def report_failed(report: dict[str, Any]) -> bool:
     """Whether a run broke a promise: any wrong, failed unexpectedly, dead-lettered or duplicated job,
-    any job lost other than in delivery to a worker that was then SIGKILLed, or more jobs lost in
+    any job submitted through FleetClient lost (the delivery sweeper re-sends those), any job lost other than in delivery to a worker that was then SIGKILLed, or more jobs lost in
     delivery than workers were SIGKILLed (a worker has one consumer connection: one BRPOP reply in
     flight at a time, so a kill can take at most one unrecorded message with it)."""
-    if any(report.get(name) for name in ("wrong", "failed_unexpectedly", "dead_lettered", "duplicated")):
+    if any(report.get(name) for name in ("wrong", "failed_unexpectedly", "dead_lettered", "duplicated",
+                                         "lost_via_client")):
         return True
     if report.get("lost_other", report.get("lost")):
         return True
@@ -885,6 +896,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=40.0, help="submissions per second")
     parser.add_argument("--concurrency", type=int, default=16, help="task threads per worker")
     parser.add_argument("--visibility-timeout", type=int, default=10)
+    parser.add_argument("--sweep-interval", type=float, default=2.0,
+                        help="FLEET_SWEEP_INTERVAL_S for workers: seconds between delivery sweeps")
+    parser.add_argument("--sweep-grace", type=float, default=5.0,
+                        help="FLEET_SWEEP_GRACE_S for workers: a job's age before a sweep examines it")
     parser.add_argument("--max-attempts", type=int, default=0, help="FLEET_MAX_ATTEMPTS for workers (0: default)")
     parser.add_argument("--redis-signal", choices=["term", "kill", "alternate"], default="alternate")
     parser.add_argument("--settle-timeout", type=float, default=90.0,

@@ -292,17 +292,18 @@ class FleetClient:
             if existing is not None:
                 return JobHandle(self, existing)
         submitted_at = time.time()
-        with self._redis.pipeline(transaction=False) as pipe:
-            pipe.hset(keys.job_record(job_id), mapping=_job_record(kind, request, queue, submitted_at))
-            pipe.expire(keys.job_record(job_id), self.settings.result_expires_s)
-            pipe.execute()
         expires = None if deadline_s is None else datetime.fromtimestamp(submitted_at + deadline_s, timezone.utc)
+        record = _job_record(kind, request, queue, submitted_at, task=task_name, priority=priority, expires=expires)
+        with self._redis.pipeline(transaction=False) as pipe:
+            _record_jobs(pipe, {job_id: record}, self.settings.result_expires_s)
+            pipe.execute()
         try:
             self.celery.send_task(
                 task_name, args=[request.model_dump(mode="json")], task_id=job_id,
                 queue=queue, priority=priority, expires=expires, headers=telemetry.enqueue_headers(),
             )
         except Exception:
+            self._redis.zrem(keys.PENDING, job_id)  # never sent: nothing for the sweeper to re-send
             if idempotency_key is not None:
                 release_idempotency_key(self._redis, idempotency_key, job_id)
             raise
@@ -363,14 +364,14 @@ class FleetClient:
             raise InvalidRequest(f"{len(job_ids)} job ids for {len(checked)} requests")
         submitted_at = time.time()
         expires = None if deadline_s is None else datetime.fromtimestamp(submitted_at + deadline_s, timezone.utc)
+        task_name = TASK_FOR_KIND[kind]
+        records = {job_id: _job_record(kind, request, queues[request.model], submitted_at, task=task_name,
+                                       priority=priority, expires=expires)
+                   for job_id, request in zip(job_ids, checked)}
         with self._redis.pipeline(transaction=False) as pipe:
-            for job_id, request in zip(job_ids, checked):
-                pipe.hset(keys.job_record(job_id), mapping=_job_record(kind, request, queues[request.model],
-                                                                      submitted_at))
-                pipe.expire(keys.job_record(job_id), self.settings.result_expires_s)
+            _record_jobs(pipe, records, self.settings.result_expires_s)
             pipe.execute()
         publisher = self._publisher()
-        task_name = TASK_FOR_KIND[kind]
         declared: set[str] = set()
         with publisher.producer_or_acquire() as producer:
             with producer.batch(max_size=PUBLISH_BATCH_OPS):
@@ -504,11 +505,26 @@ MGET_CHUNK = 1000
 RECHECK_S = 5.0
 
 
-def _job_record(kind: ModelKind | str, request: BaseModel, queue: str, submitted_at: float) -> dict[str, Any]:
-    """The ``keys.job_record`` hash written for every submitted job."""
+def _job_record(kind: ModelKind | str, request: BaseModel, queue: str, submitted_at: float, *, task: str,
+                priority: int, expires: datetime | None) -> dict[str, Any]:
+    """The ``keys.job_record`` hash written for every submitted job.
+
+    ``task``, ``priority``, ``expires`` and ``request`` let the delivery sweeper send the job again
+    if its message is lost on the way to a worker; the worker drops ``request`` when the job starts.
+    """
     return {"kind": ModelKind(kind).value if kind != "train" else kind, "model": getattr(request, "model", ""),
             "queue": queue, "submitted_at": submitted_at,
-            "stream": "1" if getattr(request, "stream", False) else "0"}
+            "stream": "1" if getattr(request, "stream", False) else "0",
+            "task": task, "priority": priority, "expires": expires.isoformat() if expires else "",
+            "request": request.model_dump_json()}
+
+
+def _record_jobs(pipe, records: dict[str, dict[str, Any]], expires_s: int) -> None:
+    """Queue on ``pipe`` the job records of ``records`` (job id -> record) and their pending entries."""
+    for job_id, record in records.items():
+        pipe.hset(keys.job_record(job_id), mapping=record)
+        pipe.expire(keys.job_record(job_id), expires_s)
+    pipe.zadd(keys.PENDING, {job_id: record["submitted_at"] for job_id, record in records.items()})
 
 
 def _revoked_as_expired(value: Any) -> bool:

@@ -20,9 +20,22 @@ WORKERS = f"{PREFIX}:workers"
 
 
 def job_record(job_id: str) -> str:
-    """Hash describing a submitted job (kind, model, queue, submitted_at). Expires with results."""
+    """Hash describing a submitted job (kind, model, queue, submitted_at; and, until it starts,
+    task, priority, expires and request, so that a job lost in delivery can be sent again).
+    Expires with results."""
     return f"{PREFIX}:job:{job_id}"
 
+
+#: Sorted set: job id -> submission time, for every job submitted through ``FleetClient`` whose
+#: first delivery has not started yet. Workers remove a job when it starts; the delivery
+#: sweeper (workers/delivery_sweeper.py) re-sends jobs that stay here but are in no queue.
+PENDING = f"{PREFIX}:pending"
+
+#: String lock: the worker that runs this interval's delivery sweep.
+SWEEPER_LOCK = f"{PREFIX}:sweeper-lock"
+
+#: Set: jobs the last delivery sweep found in no queue and not unacked (re-sent if found again).
+MISSING_JOBS = f"{PREFIX}:missing"
 
 #: Hash: job id -> JSON dead-letter entry (task, queue, payload, reason, attempts, at).
 DEAD_LETTERS = f"{PREFIX}:dlq"

@@ -33,6 +33,10 @@ class WorkerSettings(FleetSettings):
     #: Deliveries (crashes and failed runs together) before a job goes to the dead-letter list.
     max_attempts: int = Field(3, ge=1, le=100)
     heartbeat_interval_s: float = Field(2.0, gt=0)
+    #: Seconds between delivery sweeps, fleet-wide (workers/delivery_sweeper.py); 0 = off.
+    sweep_interval_s: float = Field(60.0, ge=0)
+    #: A job is examined by the sweep only once it has waited this long since submission (s).
+    sweep_grace_s: float = Field(120.0, gt=0)
     #: A heartbeat older than this many intervals means the worker is gone.
     heartbeat_ttl_intervals: int = Field(5, ge=2)
     log_level: str = "INFO"

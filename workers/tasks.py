@@ -143,12 +143,18 @@ class JobContext:
         return self.task.backend.client
 
     def begin_attempt(self) -> int:
-        """Count this delivery of the job; return how many deliveries there have been (1 = first)."""
+        """Count this delivery of the job; return how many deliveries there have been (1 = first).
+
+        Also takes the job off ``keys.PENDING`` and drops the request copy from its record: its
+        message reached a worker, so the delivery sweeper has nothing to re-send.
+        """
         key = keys.attempts(self.job_id)
         with self.redis.pipeline(transaction=False) as pipe:
             pipe.incr(key)
             pipe.expire(key, app.conf.result_expires)
-            attempt, _ = pipe.execute()
+            pipe.zrem(keys.PENDING, self.job_id)
+            pipe.hdel(keys.job_record(self.job_id), "request")
+            attempt = pipe.execute()[0]
         return int(attempt)
 
     def already_finished(self) -> bool:

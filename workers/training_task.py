@@ -45,6 +45,7 @@ def train_task(self, *args, **kwargs) -> dict:
 
     runtime = runtime_module.current()
     context = JobContext(self)
+    context.begin_attempt()
     refuse_bad_headers(self)
     request = parse_payload(TrainRequest, args, kwargs)
     if context.cancelled():

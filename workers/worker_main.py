@@ -104,6 +104,17 @@ def start_drain_watchdog(worker, runtime, grace_s: float, on_exit, redis_client:
     threading.Thread(target=watch, name="drain-watchdog", daemon=True).start()
 
 
+def start_delivery_sweeper(redis_client: redis.Redis, name: str, settings: WorkerSettings):
+    """Start this worker's share of the delivery sweep (None when ``FLEET_SWEEP_INTERVAL_S`` is 0)."""
+    if not settings.sweep_interval_s:
+        return None
+    from workers.app import app
+    from workers.delivery_sweeper import DeliverySweeper, resend_from_record
+
+    return DeliverySweeper(redis_client, lambda job_id, record: resend_from_record(app, job_id, record), owner=name,
+                           interval_s=settings.sweep_interval_s, grace_s=settings.sweep_grace_s).start()
+
+
 def run_worker(options: WorkerOptions, settings: WorkerSettings | None = None) -> int:
     """Run one worker until it is shut down; return the process exit code."""
     settings = settings or WorkerSettings()
@@ -163,6 +174,7 @@ def run_worker(options: WorkerOptions, settings: WorkerSettings | None = None) -
 
     heartbeat = Heartbeat(redis_client, name, snapshot, settings.heartbeat_interval_s,
                           settings.heartbeat_interval_s * settings.heartbeat_ttl_intervals).start()
+    sweeper = start_delivery_sweeper(redis_client, name, settings)
 
     def on_ready(**_: object) -> None:
         heartbeat.ready = True
@@ -178,6 +190,8 @@ def run_worker(options: WorkerOptions, settings: WorkerSettings | None = None) -
 
     def stop_services() -> None:
         heartbeat.stop()
+        if sweeper is not None:
+            sweeper.stop()
         worker_telemetry.shutdown()  # flush spans and metrics before a hard exit
 
     queues = [spec.queue for spec in specs] + ([TRAINING_QUEUE] if options.train else [])

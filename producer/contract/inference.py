@@ -6,9 +6,22 @@ task's return value. Both are plain JSON objects with exactly these fields.
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+import binascii
+import sys
+from array import array
+from typing import Annotated, Any, Literal, Optional, get_args
 
-from pydantic import Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator, model_validator
+from pydantic import (
+    Field,
+    SerializerFunctionWrapHandler,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from producer.contract.common import MODEL_NAME_PATTERN, PROTOCOL_VERSION, Limits, WireModel
 
@@ -17,22 +30,134 @@ Text = Annotated[StrictStr, Field(min_length=1, max_length=Limits.MAX_CHARS_PER_
 Probability = Annotated[float, Field(gt=0.0, le=1.0)]
 
 
+#: How an ``EmbedResult`` carries its vectors. ``"float"``: JSON arrays of numbers (``vectors``).
+#: ``"base64"``: each vector as its ``dim`` float32 values, little-endian, ``4 * dim`` bytes, base64-encoded
+#: with the standard alphabet and ``=`` padding (RFC 4648 section 4), one string per vector (``vectors_b64``).
+#: The same bytes as OpenAI's ``encoding_format: "base64"``; no float is formatted or parsed on either side.
+EmbedEncoding = Literal["float", "base64"]
+EMBED_ENCODINGS: tuple[str, ...] = get_args(EmbedEncoding)
+
+
 class EmbedRequest(WireModel):
-    """Embed ``texts`` with ``model``; vectors are mean-pooled and, if ``normalize``, L2-normalised."""
+    """Embed ``texts`` with ``model``; vectors are mean-pooled and, if ``normalize``, L2-normalised.
+
+    ``encoding`` picks how the result carries them (``EmbedEncoding``): ``"float"`` (default) or
+    ``"base64"`` (little-endian float32 bytes, base64: far cheaper to produce and parse for big jobs).
+    """
 
     v: StrictInt = PROTOCOL_VERSION
     texts: Annotated[list[Text], Field(min_length=1, max_length=Limits.MAX_TEXTS_PER_JOB)]
     model: ModelName = "minilm"
     normalize: StrictBool = True
+    encoding: EmbedEncoding = "float"
 
 
 class EmbedResult(WireModel):
-    """One vector per input text, in input order. ``dim`` is the vector length."""
+    """One vector per input text, in input order. ``dim`` is the vector length.
+
+    Exactly one of ``vectors`` (``encoding == "float"``: lists of numbers) and ``vectors_b64``
+    (``encoding == "base64"``: one base64 string of ``4 * dim`` little-endian float32 bytes per
+    vector) is set; on the wire the other is absent. Whatever the encoding:
+
+    * ``float_vectors()``: ``list[list[float]]`` (decoded for base64; the float32 values exactly);
+    * ``as_bytes()``: per vector its ``4 * dim`` little-endian float32 bytes, e.g. for NumPy:
+      ``np.frombuffer(b"".join(result.as_bytes()), "<f4").reshape(-1, result.dim)``;
+    * ``as_arrays()``: per vector an ``array.array("f")`` (native byte order).
+
+    A result without ``encoding`` (an older worker, a plain Celery worker) is ``"float"``.
+    """
 
     model: str
     device: str
     dim: int
-    vectors: list[list[float]]
+    encoding: EmbedEncoding = "float"
+    vectors: Optional[list[list[float]]] = None
+    vectors_b64: Optional[list[StrictStr]] = None
+
+    @model_validator(mode="after")
+    def _vectors_match_encoding(self) -> "EmbedResult":
+        if self.encoding == "float":
+            if self.vectors is None or self.vectors_b64 is not None:
+                raise ValueError('encoding "float" carries its vectors in vectors (and no vectors_b64)')
+            for index, vector in enumerate(self.vectors):
+                if len(vector) != self.dim:
+                    raise ValueError(f"vectors[{index}] has {len(vector)} values, dim is {self.dim}")
+        else:
+            if self.vectors_b64 is None or self.vectors is not None:
+                raise ValueError('encoding "base64" carries its vectors in vectors_b64 (and no vectors)')
+            for index, text in enumerate(self.vectors_b64):
+                size = len(_b64_bytes(text, f"vectors_b64[{index}]"))
+                if size != 4 * self.dim:
+                    raise ValueError(f"vectors_b64[{index}] decodes to {size} bytes, expected 4 * dim = "
+                                     f"{4 * self.dim} (float32)")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _leave_out_unused_field(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """On the wire the vectors field the encoding does not use is absent, not null."""
+        data = handler(self)
+        data.pop("vectors_b64" if self.encoding == "float" else "vectors", None)
+        return data
+
+    def float_vectors(self) -> list[list[float]]:
+        """Every vector as a list of floats, whatever the encoding (base64 is decoded here)."""
+        if self.vectors is not None:
+            return self.vectors
+        return [vector.tolist() for vector in self.as_arrays()]
+
+    def as_arrays(self) -> list[array]:
+        """Every vector as an ``array.array("f")`` (float32, native byte order)."""
+        if self.vectors is not None:
+            return [array("f", vector) for vector in self.vectors]
+        return [_float32_array(_b64_bytes(text)) for text in self.vectors_b64]
+
+    def as_bytes(self) -> list[bytes]:
+        """Every vector as its ``4 * dim`` bytes of little-endian float32 (base64: just decoded)."""
+        if self.vectors_b64 is not None:
+            return [_b64_bytes(text) for text in self.vectors_b64]
+        return [_le_float32_bytes(vector) for vector in self.as_arrays()]
+
+
+def encode_vector_b64(vector: "list[float] | array") -> str:
+    """One vector as ``EmbedEncoding`` ``"base64"`` text (float32, little-endian, standard base64)."""
+    return binascii.b2a_base64(_le_float32_bytes(array("f", vector)), newline=False).decode("ascii")
+
+
+def decode_vector_b64(text: str) -> list[float]:
+    """The floats of one ``"base64"``-encoded vector (each exactly its float32 value).
+
+    Raises ``ValueError`` for text that is not strict padded base64 or not a whole number of float32s.
+    """
+    return _float32_array(_b64_bytes(text)).tolist()
+
+
+def _float32_array(raw: bytes) -> array:
+    """Little-endian float32 bytes -> ``array("f")`` in native byte order."""
+    if len(raw) % 4:
+        raise ValueError(f"{len(raw)} bytes is not a whole number of float32 values")
+    vector = array("f")
+    vector.frombytes(raw)
+    if sys.byteorder == "big":
+        vector.byteswap()
+    return vector
+
+
+def _le_float32_bytes(vector: array) -> bytes:
+    if sys.byteorder == "big":
+        vector = array("f", vector)
+        vector.byteswap()
+    return vector.tobytes()
+
+
+def _b64_bytes(text: str, where: str = "vector") -> bytes:
+    """Strict standard base64 (alphabet ``A-Z a-z 0-9 + /``, ``=`` padding, no whitespace) -> bytes."""
+    try:
+        raw = binascii.a2b_base64(text, strict_mode=True)
+    except ValueError as exc:  # binascii.Error, or a non-ASCII character
+        raise ValueError(f"{where} is not standard padded base64: {exc}") from None
+    if len(text) != 4 * ((len(raw) + 2) // 3):  # strict mode lets surplus "=" through
+        raise ValueError(f"{where} is not standard padded base64: {len(text)} characters for {len(raw)} bytes")
+    return raw
 
 
 #: A feature is a finite number that float32 (what the models compute in) can hold: NaN, infinity and

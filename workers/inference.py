@@ -28,16 +28,25 @@ class Cancelled(Exception):
 
 
 def embed(resident: ResidentModel, request: EmbedRequest, context=None) -> EmbedResult:
-    """Tokenise here (task thread), batch the forward pass with other jobs, pool and normalise."""
-    from workers.models.embedder import finish_vectors
+    """Tokenise here (task thread), batch the forward pass with other jobs, pool and normalise.
+
+    The vectors go back as JSON floats, or with ``encoding="base64"`` as base64 text of their
+    float32 bytes (no per-float Python object: far less GIL-held CPU for big jobs).
+    """
+    from workers.models.embedder import finish_vectors, finish_vectors_b64
 
     with telemetry.tokenize_span(request.model, len(request.texts)) as span:
         id_lists = resident.impl.encode_each(list(request.texts))
         span.record_tokens(id_lists)
     futures = resident.batcher.submit(id_lists, costs=[len(ids) for ids in id_lists],
                                       context=telemetry.current_span_context())
-    vectors = finish_vectors([future.result() for future in futures], request.normalize)
-    return EmbedResult(model=request.model, device=resident.impl.device, dim=resident.impl.dim, vectors=vectors)
+    pooled = [future.result() for future in futures]
+    impl = resident.impl
+    if request.encoding == "base64":
+        return EmbedResult(model=request.model, device=impl.device, dim=impl.dim, encoding="base64",
+                           vectors_b64=finish_vectors_b64(pooled, request.normalize))
+    return EmbedResult(model=request.model, device=impl.device, dim=impl.dim,
+                       vectors=finish_vectors(pooled, request.normalize))
 
 
 def classify(resident: ResidentModel, request: ClassifyRequest, context=None) -> ClassifyResult:

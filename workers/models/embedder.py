@@ -24,6 +24,7 @@ Two forward paths, chosen by device:
 
 from __future__ import annotations
 
+import base64
 import logging
 import time
 import warnings
@@ -313,9 +314,21 @@ class Embedder:
         return _Graph(graph, ids, mask, out)
 
 
-def finish_vectors(vectors: list[torch.Tensor], normalize: bool) -> list[list[float]]:
-    """Stack per-text vectors, L2-normalise if asked, and return plain lists for JSON."""
-    stacked = torch.stack(vectors)
+def stack_vectors(vectors: list[torch.Tensor], normalize: bool) -> torch.Tensor:
+    """Stack per-text vectors into one float32 [texts, dim] tensor, L2-normalised if asked."""
+    stacked = torch.stack(vectors).to(torch.float32)
     if normalize:
         stacked = torch.nn.functional.normalize(stacked, p=2, dim=1)
-    return stacked.tolist()
+    return stacked
+
+
+def finish_vectors(vectors: list[torch.Tensor], normalize: bool) -> list[list[float]]:
+    """Stack per-text vectors, L2-normalise if asked, and return plain lists for JSON."""
+    return stack_vectors(vectors, normalize).tolist()
+
+
+def finish_vectors_b64(vectors: list[torch.Tensor], normalize: bool) -> list[str]:
+    """As ``finish_vectors``, but each vector as base64 text of its little-endian float32 bytes
+    (``EmbedRequest.encoding == "base64"``): one C-level copy and encode per row, no Python float."""
+    rows = stack_vectors(vectors, normalize).cpu().contiguous().numpy().astype("<f4", copy=False)
+    return [base64.b64encode(row.tobytes()).decode("ascii") for row in rows]

@@ -47,6 +47,7 @@ from producer.contract import (
     JobStatus,
     ModelKind,
 )
+from producer.contract.inference import EmbedEncoding
 from producer.errors import FleetError, InvalidRequest, JobTimeout
 from producer.settings import FleetSettings
 
@@ -151,12 +152,15 @@ class AsyncFleetClient:
     # --- submitting ---------------------------------------------------------------------
 
     async def embed(self, texts: Sequence[str], model: str = "minilm", *, normalize: bool = True,
-                    priority: int = PRIORITY_DEFAULT, **options: Any) -> AsyncJobHandle:
+                    encoding: EmbedEncoding = "float", priority: int = PRIORITY_DEFAULT,
+                    **options: Any) -> AsyncJobHandle:
         """Submit an embedding job for ``texts``; see ``EmbedRequest`` for limits.
 
-        ``options``: ``deadline_s``, ``idempotency_key``, ``block_s`` as for ``FleetClient.embed``.
+        ``encoding`` (``"float"`` or ``"base64"``) and ``options`` (``deadline_s``, ``idempotency_key``,
+        ``block_s``) as for ``FleetClient.embed``.
         """
-        request = validate_request(EmbedRequest, {"texts": _as_list(texts), "model": model, "normalize": normalize})
+        request = validate_request(EmbedRequest, {"texts": _as_list(texts), "model": model, "normalize": normalize,
+                                                  "encoding": encoding})
         return await self._submit_one(ModelKind.EMBED, request, priority, **options)
 
     async def classify(self, texts: Sequence[str] | None = None, model: str | None = None, *,
@@ -196,14 +200,14 @@ class AsyncFleetClient:
         return await self._in_publisher_thread(publish)
 
     async def embed_many(self, texts_per_job: Iterable[Sequence[str]], model: str = "minilm", *,
-                         normalize: bool = True, priority: int = PRIORITY_DEFAULT,
+                         normalize: bool = True, encoding: EmbedEncoding = "float", priority: int = PRIORITY_DEFAULT,
                          **options: Any) -> list[AsyncJobHandle]:
         """Submit one embedding job per entry of ``texts_per_job``; handles in order (see ``FleetClient``)."""
         requests = []
         for index, texts in enumerate(texts_per_job):
             try:
                 requests.append(validate_request(EmbedRequest, {"texts": _as_list(texts), "model": model,
-                                                                "normalize": normalize}))
+                                                                "normalize": normalize, "encoding": encoding}))
             except InvalidRequest as exc:
                 raise type(exc)(f"job {index}: {exc}", exc.errors) from None
         return await self.submit_many(ModelKind.EMBED, requests, priority=priority, **options)

@@ -38,6 +38,7 @@ from producer.contract import (
     ModelKind,
     inference_queue,
 )
+from producer.contract.inference import EmbedEncoding
 from producer.errors import (
     FleetError,
     InvalidRequest,
@@ -223,12 +224,15 @@ class FleetClient:
     # --- submitting -----------------------------------------------------------------
 
     def embed(self, texts: Sequence[str], model: str = "minilm", *, normalize: bool = True,
-              priority: int = PRIORITY_DEFAULT, **options: Any) -> JobHandle:
+              encoding: EmbedEncoding = "float", priority: int = PRIORITY_DEFAULT, **options: Any) -> JobHandle:
         """Submit an embedding job for ``texts``; see ``EmbedRequest`` for limits.
 
+        ``encoding``: ``"float"`` (result ``vectors``) or ``"base64"`` (result ``vectors_b64``: float32
+        bytes, much cheaper for big jobs); ``EmbedResult.float_vectors()`` reads either.
         ``options``: ``deadline_s``, ``idempotency_key``, ``block_s`` (see ``_submit``).
         """
-        request = validate_request(EmbedRequest, {"texts": _as_list(texts), "model": model, "normalize": normalize})
+        request = validate_request(EmbedRequest, {"texts": _as_list(texts), "model": model, "normalize": normalize,
+                                                  "encoding": encoding})
         return self._submit_inference(ModelKind.EMBED, request, priority=priority, **options)
 
     def classify(self, texts: Sequence[str] | None = None, model: str | None = None, *,
@@ -312,19 +316,19 @@ class FleetClient:
     # --- many jobs at once ----------------------------------------------------------
 
     def embed_many(self, texts_per_job: Iterable[Sequence[str]], model: str = "minilm", *, normalize: bool = True,
-                   priority: int = PRIORITY_DEFAULT, deadline_s: float | None = None,
-                   block_s: float = 0.0) -> list[JobHandle]:
+                   encoding: EmbedEncoding = "float", priority: int = PRIORITY_DEFAULT,
+                   deadline_s: float | None = None, block_s: float = 0.0) -> list[JobHandle]:
         """Submit one embedding job per entry of ``texts_per_job``; return their handles in order.
 
         Every request is validated before anything is sent (one bad entry raises
         ``InvalidRequest`` naming its index, and nothing is enqueued). Sending costs a fixed
-        number of Redis round trips, not one per job: see ``submit_many``.
+        number of Redis round trips, not one per job: see ``submit_many``. ``encoding`` as for ``embed``.
         """
         requests = []
         for index, texts in enumerate(texts_per_job):
             try:
                 requests.append(validate_request(EmbedRequest, {"texts": _as_list(texts), "model": model,
-                                                                "normalize": normalize}))
+                                                                "normalize": normalize, "encoding": encoding}))
             except InvalidRequest as exc:
                 raise type(exc)(f"job {index}: {exc}", exc.errors) from None
         return self.submit_many(ModelKind.EMBED, requests, priority=priority, deadline_s=deadline_s,

@@ -13,7 +13,8 @@ In one run it starts a private redis-server, then measures
 
 each system under the same loads: ``single`` (one job at a time), ``saturated`` (closed loop,
 many jobs in flight), ``open R/s`` (Poisson arrivals at fixed rates, skipped above 1.2x what
-the system sustained saturated) and ``bulk`` (jobs of many texts, closed loop). It prints a
+the system sustained saturated) and ``bulk`` (jobs of many texts, closed loop; Fleet runs it
+twice, with float and with ``encoding="base64"`` results). It prints a
 table (throughput, p50/p90/p99 latency, mean batch size), checks the issue's targets, and
 writes everything as JSON. Profiles: ``cpu`` (all-MiniLM-L6-v2, 2 torch threads,
 single-sentence jobs) and ``cuda`` (BERT-base with random weights, seq 128, fp16).
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import base64
 import json
 import os
 import platform
@@ -266,6 +268,15 @@ def run_system(system: str, profile: Profile, redis_url: str, workdir: Path, tex
                                            warmup_s=profile.warmup_s, drain_s=60))
         else:
             info.setdefault("skipped", []).append("bulk (time budget)")
+        if system == "fleet" and time.monotonic() < deadline:
+            # The same jobs with encoding="base64": vectors as float32 bytes, no JSON floats to format.
+            bulk_b64 = [EmbedRequest(texts=r.texts, model=r.model, encoding="base64") for r in bulk]
+            b64_load = Load(system, client, stream, bulk_b64, texts_per_job=profile.bulk_texts, stats=stats)
+            label = f"bulk {profile.bulk_texts} texts, base64 (c={profile.bulk_concurrency})"
+            phases.append(b64_load.closed(label, profile.bulk_concurrency, duration_s=profile.bulk_s,
+                                          warmup_s=profile.warmup_s, drain_s=60))
+        elif system == "fleet":
+            info.setdefault("skipped", []).append("bulk base64 (time budget)")
         if system == "celery":
             for phase in phases:
                 phase.mean_batch = float(phase.texts_per_job)  # one forward pass per job, by construction
@@ -283,6 +294,15 @@ def run_system(system: str, profile: Profile, redis_url: str, workdir: Path, tex
 
 
 def _check_result(result: dict) -> str | None:
+    if result.get("encoding") == "base64":
+        vectors = result.get("vectors_b64") or []
+        try:
+            sizes = [len(base64.b64decode(v, validate=True)) for v in vectors]
+        except (TypeError, ValueError) as exc:
+            return f"malformed base64 result: {exc}"
+        if not vectors or any(size != 4 * result.get("dim", 0) for size in sizes):
+            return f"malformed base64 result: dim {result.get('dim')}, {len(vectors)} vectors"
+        return None
     vectors = result.get("vectors") or []
     if not vectors or any(len(v) != result.get("dim") for v in vectors):
         return f"malformed result: dim {result.get('dim')}, {len(vectors)} vectors"

@@ -402,6 +402,8 @@ def evaluate(profile: Profile, raw: dict, phases: list[PhaseResult]) -> list[dic
                    fleet_single.p50_ms if fleet_single else None, goal_p50, "<=", "ms"),
         ]
     fleet_bulk = find(phases, "fleet", "bulk")
+    fleet_bulk_b64 = next((p for p in phases if p.system == "fleet" and p.load.startswith("bulk")
+                           and "base64" in p.load), None)
     best = raw["best_batch"]
     single_batch_compute = fleet_single.extra.get("worker_compute_ms_per_batch") if fleet_single else None
     return [
@@ -417,6 +419,9 @@ def evaluate(profile: Profile, raw: dict, phases: list[PhaseResult]) -> list[dic
         target(f"fleet bulk texts/s / raw best batch ({best['batch']}, forward only) texts/s",
                fleet_bulk.throughput_texts_s / best["forward_texts_s"] if fleet_bulk else None, 0.9, ">=", "x",
                "stricter reading: no tokenisation or list conversion in the raw figure"),
+        target(f"fleet bulk base64 texts/s / raw best batch ({best['batch']}, embed) texts/s",
+               fleet_bulk_b64.throughput_texts_s / best["e2e_texts_s"] if fleet_bulk_b64 else None, 0.9, ">=", "x",
+               'encoding="base64": float32 vectors as base64, no JSON floats'),
     ]
 
 

@@ -10,8 +10,9 @@ rules predict. Never a hang, a lost message, an untyped error or a dead worker; 
 computes a valid embed job exactly as before.
 
 Out of scope, because Celery reads them before any Fleet code runs: the ``id`` and ``task`` headers (they
-name the job and its task), ``ignore_result`` (asks for no result), and a keyword argument named ``self``
-(it collides with Celery's own call wrapper and fails with an untyped TypeError).
+name the job and its task; a ``task`` header that is not a string is covered by tests/test_consumer_guard.py),
+``ignore_result`` (asks for no result), and a keyword argument named ``self`` (it collides with Celery's own
+call wrapper and fails with an untyped TypeError).
 """
 
 from __future__ import annotations

@@ -5,10 +5,11 @@ from __future__ import annotations
 from celery import Celery
 
 from producer.celery_config import celery_config
-from workers import redis_patches
+from workers import consumer_guard, redis_patches
 from workers.settings import WorkerSettings
 
 redis_patches.install()  # busy workers must ride out Redis restarts and failovers (see the module)
+consumer_guard.install()  # a malformed task header fails its job, not the worker
 
 
 def worker_config(settings: WorkerSettings) -> dict:

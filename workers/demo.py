@@ -1,8 +1,11 @@
 """``fleet demo``: the whole path on a fresh machine, with nothing configured.
 
-Finds Redis at ``REDIS_URL`` (or the default) or starts an embedded one, starts one CPU
-worker process exactly as a user would (``fleet worker``), submits real embedding jobs,
-prints sentence similarities, and shuts everything down.
+Finds Redis at ``REDIS_URL`` (or the default) or starts an embedded one, writes the demo
+models once (``fleet models init-demo`` into ``var/demo-models``), starts one CPU worker
+process exactly as a user would (``fleet worker ... --train``), and submits real jobs:
+embeddings (prints each sentence's nearest neighbour), topic classification of new
+sentences, and a training job (an MLP on the digits data set, with live progress and its
+held-out accuracy). Then it shuts everything down.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import subprocess
 import sys
 import time
 from contextlib import ExitStack
+from pathlib import Path
 
 import redis
 from rich.console import Console
@@ -34,13 +38,38 @@ SENTENCES = [
     "Rain is expected over the weekend.",
     "The forecast says it will be wet on Saturday.",
 ]
+#: New sentences for the topic classifier (music, finance, animals, weather).
+TOPIC_SENTENCES = [
+    "The violinist played a beautiful concerto.",
+    "The central bank cut interest rates again.",
+    "The puppy chased its tail around the garden.",
+    "Heavy snow is forecast for tomorrow morning.",
+]
 WORKER_START_TIMEOUT_S = 180.0
+#: Where the demo models are written once and reused (git-ignored).
+DEMO_MODELS = Path("var/demo-models")
+#: How often the demo looks at the training job's progress (s).
+PROGRESS_POLL_S = 0.25
 
 
-def start_worker(redis_url: str, name: str) -> subprocess.Popen:
-    """Start ``fleet worker --device cpu --models minilm`` as a child process."""
-    env = {**os.environ, "REDIS_URL": redis_url, "FLEET_LOG_LEVEL": os.environ.get("FLEET_LOG_LEVEL", "WARNING")}
-    command = [sys.executable, "-m", "workers.cli", "worker", "--device", "cpu", "--models", "minilm", "--name", name]
+def demo_registry(console: Console) -> Path:
+    """The demo models' registry, writing the models first if they are not there yet."""
+    registry = DEMO_MODELS / "registry.toml"
+    if not registry.exists():
+        with console.status("writing the demo models once (a topic classifier on MiniLM, a tiny Llama) ..."):
+            done = subprocess.run([sys.executable, "-m", "workers.cli", "models", "init-demo", "--dir", str(DEMO_MODELS)],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"fleet models init-demo failed:\n{done.stderr[-3000:]}")
+    return registry
+
+
+def start_worker(redis_url: str, name: str, registry: Path) -> subprocess.Popen:
+    """Start ``fleet worker --device cpu --models minilm,topics --train`` as a child process."""
+    env = {**os.environ, "REDIS_URL": redis_url, "FLEET_LOG_LEVEL": os.environ.get("FLEET_LOG_LEVEL", "WARNING"),
+           "FLEET_ARTIFACT_DIR": str(DEMO_MODELS / "artifacts")}
+    command = [sys.executable, "-m", "workers.cli", "worker", "--device", "cpu", "--registry", str(registry),
+               "--models", "minilm,topics", "--train", "--name", name]
     return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
@@ -48,7 +77,7 @@ def wait_until_ready(redis_url: str, name: str, worker: subprocess.Popen, consol
     """Block until the worker's heartbeat says ready; raise if it exits or takes too long."""
     client = redis.Redis.from_url(redis_url)
     deadline = time.monotonic() + WORKER_START_TIMEOUT_S
-    with console.status("starting a CPU worker and loading all-MiniLM-L6-v2 ..."):
+    with console.status("starting a CPU worker and loading all-MiniLM-L6-v2 and the topic classifier ..."):
         while time.monotonic() < deadline:
             if worker.poll() is not None:
                 raise RuntimeError(f"worker exited with code {worker.returncode}:\n{worker.stderr.read()[-3000:]}")
@@ -84,6 +113,35 @@ def similarity_table(vectors: list[list[float]]) -> Table:
     return table
 
 
+def topics_table(result) -> Table:
+    """Each new sentence with its two most likely topics and their scores."""
+    table = Table(title=f"Topic classification ({result.model} on {result.device})")
+    table.add_column("sentence")
+    table.add_column("topic", justify="right")
+    table.add_column("runner-up", justify="right")
+    for sentence, labels in zip(TOPIC_SENTENCES, result.predictions):
+        table.add_row(sentence, *(f"{label.label} {label.score:.2f}" for label in labels))
+    return table
+
+
+def show_training(client: FleetClient, console: Console) -> None:
+    """Submit an MLP training job on the digits data set; print its epochs as they finish, then its metrics."""
+    handle = client.train("mlp", dataset="digits", epochs=30, seed=0)
+    console.print(f"training job {handle.id}: an MLP on 8x8 handwritten digits, 30 epochs")
+    last_epoch = 0
+    while not handle.status().finished:
+        progress = handle.progress()
+        if progress is not None and progress.epoch != last_epoch:
+            console.print(f"  epoch {progress.epoch:>2}/{progress.epochs}  loss {progress.loss:.4f}  "
+                          f"{progress.samples_per_s:.0f} samples/s")
+            last_epoch = progress.epoch
+        time.sleep(PROGRESS_POLL_S)
+    result = handle.result(timeout=10)
+    console.print(f"trained in {result.metrics['train_seconds']:.1f} s on {result.device}: held-out accuracy "
+                  f"{result.metrics['accuracy']:.4f} ({result.steps} optimizer steps; held-out loss "
+                  f"{result.metrics['val_loss_start']:.2f} -> {result.metrics['val_loss']:.3f})")
+
+
 def run_demo() -> int:
     """Run the demo; return the process exit code."""
     console = Console()
@@ -96,8 +154,9 @@ def run_demo() -> int:
             stack.callback(server.stop)
             console.print(f"no Redis answered at {redis_url}; started an embedded redis-server at {server.url}")
             redis_url = server.url
+        registry = demo_registry(console)
         name = f"fleet-demo-{os.getpid()}"
-        worker = start_worker(redis_url, name)
+        worker = start_worker(redis_url, name, registry)
         stack.callback(stop_worker, worker)
         wait_until_ready(redis_url, name, worker, console)
 
@@ -116,5 +175,7 @@ def run_demo() -> int:
         console.print(f"{len(handles)} jobs done in {elapsed * 1000:.0f} ms on {result.device}: "
                       f"model {result.model}, {result.dim}-dimensional unit vectors")
         console.print(similarity_table(vectors))
+        console.print(topics_table(client.classify(TOPIC_SENTENCES, model="topics", top_k=2).result(timeout=60)))
+        show_training(client, console)
         console.print("shutting down the worker" + (" and the embedded Redis" if redis_url != FleetSettings().redis_url else ""))
     return 0

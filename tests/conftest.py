@@ -45,6 +45,31 @@ def embed_worker(redis_url):
     worker.stop()
 
 
+@pytest.fixture(scope="session")
+def raw_app(redis_url):
+    """A plain Celery app, configured only by the wire settings: it bypasses client validation."""
+    from celery import Celery
+
+    from producer.celery_config import celery_config
+    from producer.settings import FleetSettings
+
+    app = Celery("raw-sender", set_as_current=False)
+    app.conf.update(celery_config(FleetSettings(redis_url=redis_url)))
+    yield app
+    app.close()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """The suite shares two CPU cores with other work: one torch thread avoids OpenMP oversubscription."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture()
 def client(redis_url):
     with FleetClient(redis_url) as fleet_client:

@@ -66,5 +66,16 @@ class WorkerProcess:
         return self.process.returncode
 
 
+def wait_for(condition, timeout_s: float, what: str):
+    """Poll ``condition()`` every 0.2 s; return its first truthy value, or fail after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
 def redis_server_available() -> bool:
     return shutil.which("redis-server") is not None

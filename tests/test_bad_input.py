@@ -5,12 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from celery import Celery
 
 from producer import ErrorCode, InvalidRequest, JobFailedError, UnknownModel
-from producer.celery_config import celery_config
 from producer.contract import TASK_EMBED, Limits, inference_queue
-from producer.settings import FleetSettings
 from producer.queues import queue_depth
 
 pytestmark = pytest.mark.integration
@@ -50,15 +47,6 @@ def test_client_refuses_unknown_model(client, redis_client, embed_worker):
 def test_client_refuses_malformed_model_name(client):
     with pytest.raises(InvalidRequest, match="model"):
         client.embed(["hello"], model="../../etc/passwd")
-
-
-@pytest.fixture(scope="module")
-def raw_app(redis_url):
-    """A plain Celery app, configured only by the wire settings: it bypasses client validation."""
-    app = Celery("raw-sender", set_as_current=False)
-    app.conf.update(celery_config(FleetSettings(redis_url=redis_url)))
-    yield app
-    app.close()
 
 
 WIRE_CASES = {

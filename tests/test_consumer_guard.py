@@ -8,13 +8,12 @@ import uuid
 import pytest
 
 from producer.contract import ErrorCode, inference_queue
-from tests.test_bad_input import raw_app  # noqa: F401 - a fixture
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.mark.parametrize("task_header", [["fleet.embed"], {"name": "fleet.embed"}])
-def test_a_task_header_that_is_not_a_name_fails_the_job_not_the_worker(embed_worker, client, raw_app,  # noqa: F811
+def test_a_task_header_that_is_not_a_name_fails_the_job_not_the_worker(embed_worker, client, raw_app,
                                                                        task_header):
     job_id = str(uuid.uuid4())
     raw_app.send_task("fleet.embed", args=[{"texts": ["a"]}], task_id=job_id,

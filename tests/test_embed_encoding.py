@@ -14,15 +14,12 @@ import random
 import struct
 
 import pytest
-from celery import Celery
 from pydantic import ValidationError
 
 from producer import AsyncFleetClient, ErrorCode, InvalidRequest, JobFailedError
-from producer.celery_config import celery_config
 from producer.contract import TASK_EMBED, EmbedRequest, EmbedResult, inference_queue
 from producer.contract.inference import EMBED_ENCODINGS, decode_vector_b64, encode_vector_b64
 from producer.queues import queue_depth
-from producer.settings import FleetSettings
 
 QUEUE = inference_queue("embed", "minilm")
 TEXTS = [
@@ -158,15 +155,6 @@ def test_worker_base64_is_the_float_path_bit_for_bit():
 
 
 # --- through a real worker ------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def raw_app(redis_url):
-    """A plain Celery app, configured only by the wire settings: it bypasses client validation."""
-    app = Celery("raw-sender", set_as_current=False)
-    app.conf.update(celery_config(FleetSettings(redis_url=redis_url)))
-    yield app
-    app.close()
 
 
 @pytest.mark.integration

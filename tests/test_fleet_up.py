@@ -5,25 +5,14 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import time
 
 import pytest
 import redis
 
-from tests.fleet_processes import REPO_ROOT, fleet_executable
+from tests.fleet_processes import REPO_ROOT, fleet_executable, wait_for
 from workers.health import read_heartbeats
 
 pytestmark = pytest.mark.integration
-
-
-def wait_for(condition, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture()

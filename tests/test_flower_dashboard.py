@@ -19,7 +19,6 @@ import secrets
 import signal
 import socket
 import subprocess
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -30,7 +29,7 @@ from playwright.sync_api import Error as PlaywrightError
 from playwright.sync_api import expect, sync_playwright
 
 from producer import FleetClient
-from tests.fleet_processes import REPO_ROOT, fleet_executable
+from tests.fleet_processes import REPO_ROOT, fleet_executable, wait_for
 from workers.embedded_redis import RedisServer, free_port
 from workers.health import probe
 
@@ -48,16 +47,6 @@ pytestmark = [
     pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian Chromium (/usr/bin/chromium) is not installed: "
                                                      "apt-get install chromium (.ci/run does)"),
 ]
-
-
-def wait_for(condition, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def flower_healthy(base_url: str) -> bool:

@@ -128,7 +128,7 @@ def fake_task(task_id: str, enqueued_at: float | None, name: str = "fleet.embed"
 
 def test_job_signals_record_queue_wait_outcomes_and_back_links(otel):
     ok_task = fake_task("job-ok", time.time() - 2.0)
-    with otel.tracer.start_as_current_span("run/fleet.embed", kind=SpanKind.CONSUMER) as run_span:
+    with otel.tracer.start_as_current_span("run/fleet.embed", kind=SpanKind.CONSUMER):
         telemetry._on_prerun(task_id="job-ok", task=ok_task, args=({"texts": ["a"], "model": "minilm"},))
         job_context = telemetry.current_span_context()
         with telemetry.batch_span("minilm", [job_context]):

@@ -13,16 +13,8 @@ from producer.contract.training import TrainProgress, TrainRequest
 from workers.training import LocalDirectoryStore, TrainingConfigError, load_classifier, run_training
 from workers.training.loop import learning_rate_at
 
-# The suite shares two CPU cores with other work: one thread avoids OpenMP oversubscription.
+# One torch thread (conftest.one_thread): the suite shares two CPU cores with other work.
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def _mlp(**fields: object) -> TrainRequest:

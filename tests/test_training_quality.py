@@ -15,16 +15,8 @@ from producer.contract.training import TrainProgress, TrainRequest, TrainResult
 from workers.training import LocalDirectoryStore, load_classifier, run_training
 from workers.training.data import CORPUS_PATH, load_digits_split
 
+# One torch thread (conftest.one_thread): the suite shares two CPU cores with other work.
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def one_thread():
-    """The suite shares two CPU cores with other work: one thread avoids OpenMP oversubscription."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

@@ -43,7 +43,6 @@ from producer.contract import (
 )
 from producer.errors import InvalidRequest
 from producer.queues import queue_depth
-from tests.test_bad_input import raw_app  # noqa: F401 - fixture: a plain Celery app, no Fleet client in the way
 from tests.test_contract_properties import json_values
 
 pytestmark = pytest.mark.integration
@@ -270,7 +269,7 @@ EXAMPLES = [
 ]
 
 
-def test_raw_wire_messages_end_typed_and_the_worker_keeps_serving(raw_app, embed_worker):  # noqa: F811
+def test_raw_wire_messages_end_typed_and_the_worker_keeps_serving(raw_app, embed_worker):
     redis_client = raw_app.backend.client
     reference = {"texts": ["The worker survived the fuzzing.", "Bonjour"], "model": SERVED_MODEL}
     before = final_meta(redis_client, send(raw_app, WireMessage(TASK_EMBED, [reference])).id, embed_worker)

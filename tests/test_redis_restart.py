@@ -48,8 +48,18 @@ class RestartableRedis:
         process.send_signal(sig)
         process.wait(30)
         time.sleep(down_s)
-        self.server = RedisServer(self.port, appendonly=True, directory=self.directory).start()
+        self.start_again()
         return time.monotonic() - started
+
+    def start_again(self) -> None:
+        """Start redis-server again on the same port and data directory (after it was stopped)."""
+        self.server = RedisServer(self.port, appendonly=True, directory=self.directory).start()
+
+    def start_again_in(self, delay_s: float) -> threading.Timer:
+        """``start_again`` after ``delay_s`` seconds, on a timer thread (join it before checking)."""
+        timer = threading.Timer(delay_s, self.start_again)
+        timer.start()
+        return timer
 
     def stop(self) -> None:
         self.server.stop(kill=True)
@@ -120,9 +130,7 @@ def test_result_store_rides_out_a_short_outage(aof_redis):
     backend.client.ping()
     aof_redis.server.process.kill()
     aof_redis.server.process.wait(30)
-    restarter = threading.Timer(2.0, lambda: setattr(aof_redis, "server", RedisServer(
-        aof_redis.port, appendonly=True, directory=aof_redis.directory).start()))
-    restarter.start()
+    restarter = aof_redis.start_again_in(2.0)
     started = time.monotonic()
     try:
         backend.store_result("store-test-job", {"answer": 42}, "SUCCESS")
@@ -224,9 +232,7 @@ def test_submission_rides_out_a_short_outage(aof_redis):
         client.catalog.entries()  # cached: the outage starts at the job record write
         aof_redis.server.process.send_signal(signal.SIGTERM)
         aof_redis.server.process.wait(30)
-        restarter = threading.Timer(3.0, lambda: setattr(aof_redis, "server", RedisServer(
-            aof_redis.port, appendonly=True, directory=aof_redis.directory).start()))
-        restarter.start()
+        restarter = aof_redis.start_again_in(3.0)
         started = time.monotonic()
         try:
             handle = client.embed(["submitted while Redis was down"])

@@ -47,8 +47,8 @@ def _load_model(**_: object) -> None:
     global _model
     import torch
 
-    from workers.models.embedder import Embedder
-    from workers.registry import load_registry
+    from workers.serving.models.embedder import Embedder
+    from workers.serving.registry import load_registry
     from workers.settings import WorkerSettings
 
     threads = int(os.environ.get("BENCH_TORCH_THREADS", "0"))

@@ -58,7 +58,7 @@ import redis
 from producer import FleetClient, keys
 from producer.contract import TASK_CLASSIFY, TASK_EMBED, TASK_GENERATE, inference_queue
 from producer.settings import FleetSettings
-from workers.embedded_redis import RedisServer
+from workers.process.embedded_redis import RedisServer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MODELS = "minilm,topics,tiny-llama"
@@ -148,7 +148,7 @@ class Fleet:
         log = (self.workdir / f"{name}.log").open("w")
         env = {**os.environ, **self.env, "REDIS_URL": self.url}
         fleet = Path(sys.executable).with_name("fleet")
-        command = [str(fleet)] if fleet.exists() else [sys.executable, "-m", "workers.cli"]
+        command = [str(fleet)] if fleet.exists() else [sys.executable, "-m", "workers.commands.cli"]
         process = subprocess.Popen([*command, "worker", "--name", name, "--device", "cpu", "--registry",
                                     str(self.registry), "--models", MODELS], env=env, stdout=log,
                                    stderr=subprocess.STDOUT, cwd=REPO_ROOT)
@@ -157,7 +157,7 @@ class Fleet:
         return name
 
     def kill_random_worker(self, rng: random.Random) -> None:
-        from workers.health import probe
+        from workers.process.health import probe
 
         with self.lock:
             alive = sorted(name for name, process in self.processes.items() if process.poll() is None)
@@ -178,7 +178,7 @@ class Fleet:
         self.note(f"SIGKILLed {victim}; started {replacement}")
 
     def wait_ready(self, names: list[str], timeout_s: float = 300.0) -> None:
-        from workers.health import probe
+        from workers.process.health import probe
 
         client = redis.Redis.from_url(self.url)
         deadline = time.monotonic() + timeout_s
@@ -295,8 +295,8 @@ class Reference:
     def __init__(self, registry: Path):
         import torch
 
-        from workers.models.loader import load_model
-        from workers.registry import load_registry
+        from workers.serving.models.loader import load_model
+        from workers.serving.registry import load_registry
 
         torch.set_num_threads(1)
         specs = load_registry(registry)
@@ -765,7 +765,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     (workdir / "redis").mkdir()
     registry = Path(args.registry) if args.registry else None
     if registry is None:
-        from workers.models.demo_models import init_demo
+        from workers.serving.models.demo_models import init_demo
 
         models_dir = Path(args.models_dir)
         registry = models_dir / "registry.toml"

@@ -1,6 +1,6 @@
 """``fleet worker`` for the benchmark: the real worker, plus its batchers' statistics in Redis.
 
-Runs exactly ``fleet worker ARGS`` (``workers.cli.main``) and, once the worker is ready, a
+Runs exactly ``fleet worker ARGS`` (``workers.commands.cli.main``) and, once the worker is ready, a
 thread that writes ``DynamicBatcher.stats_snapshot()`` of every resident model (and the
 embedder's CUDA-graph report) as JSON to ``bench:fleet:batching`` every 0.2 s, so that the
 benchmark can report the real mean batch size of each phase.
@@ -23,7 +23,7 @@ STATS_KEY = "bench:fleet:batching"
 def _publish_stats_forever() -> None:
     import redis
 
-    from workers import runtime as runtime_module
+    from workers.serving import runtime as runtime_module
 
     client = redis.Redis.from_url(os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
     while True:
@@ -52,7 +52,7 @@ def main(argv: list[str]) -> int:
         threading.Thread(target=_publish_stats_forever, name="bench-stats", daemon=True).start()
 
     signals.worker_ready.connect(start_reporter, weak=False)
-    from workers.cli import main as fleet_main
+    from workers.commands.cli import main as fleet_main
 
     return fleet_main(["worker", *argv])
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from bench.models import build_random_bert
 from producer import FleetClient
-from workers.embedded_redis import RedisServer
+from workers.process.embedded_redis import RedisServer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -43,7 +43,7 @@ def jobs_per_second(registry: Path, concurrency: int, jobs: int, workdir: Path) 
     env = {**os.environ, "REDIS_URL": server.url, "FLEET_MODEL_REGISTRY": str(registry),
            "FLEET_TORCH_THREADS": "1", "FLEET_CONCURRENCY": str(concurrency)}
     with (workdir / f"worker-{concurrency}.log").open("w") as log:
-        worker = subprocess.Popen([sys.executable, "-m", "workers.cli", "worker", "--device", "cpu", "--models", "tiny",
+        worker = subprocess.Popen([sys.executable, "-m", "workers.commands.cli", "worker", "--device", "cpu", "--models", "tiny",
                                    "--name", f"overhead-{concurrency}"], env=env, cwd=REPO_ROOT,
                                   stdout=log, stderr=subprocess.STDOUT)
         try:

@@ -45,8 +45,8 @@ def measure(device: str, model: str, texts: list[str], batch_sizes: list[int], s
             sweep_texts: int, min_sweep_s: float, max_phase_s: float = 10.0) -> dict:
     import torch
 
-    from workers.models.embedder import Embedder, finish_vectors
-    from workers.registry import load_registry
+    from workers.serving.models.embedder import Embedder, finish_vectors
+    from workers.serving.registry import load_registry
     from workers.settings import WorkerSettings
 
     spec = load_registry(WorkerSettings().model_registry)[model]

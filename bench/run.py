@@ -201,7 +201,7 @@ def start_celery(profile: Profile, redis_url: str, workdir: Path) -> Child:
 
 
 def start_fleet(profile: Profile, redis_url: str, workdir: Path) -> Child:
-    from workers.health import probe
+    from workers.process.health import probe
 
     env = {**child_env(profile, redis_url), "FLEET_TORCH_THREADS": str(profile.torch_threads),
            "FLEET_CONCURRENCY": str(profile.worker_concurrency), "FLEET_LOG_LEVEL": "WARNING",
@@ -496,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="measure raw again at the end and judge targets against the mean (shared machines)")
     args = parser.parse_args(argv)
 
-    from workers.embedded_redis import RedisServer
+    from workers.process.embedded_redis import RedisServer
 
     # A SIGTERM (e.g. from `timeout`) unwinds like Ctrl-C: workers and redis-server are stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))

@@ -76,10 +76,10 @@ class PreviousClient(FleetClient):
 
 
 def start_worker(redis_url: str, name: str) -> subprocess.Popen:
-    from workers.health import probe
+    from workers.process.health import probe
 
     fleet = Path(sys.executable).with_name("fleet")
-    command = [str(fleet)] if fleet.exists() else [sys.executable, "-m", "workers.cli"]
+    command = [str(fleet)] if fleet.exists() else [sys.executable, "-m", "workers.commands.cli"]
     log = open(Path(tempfile.gettempdir()) / f"{name}.log", "w")
     env = {**os.environ, "REDIS_URL": redis_url, "HF_HUB_OFFLINE": "1", "FLEET_TORCH_THREADS": "1",
            "FLEET_LOG_LEVEL": "WARNING", "FLEET_CONCURRENCY": "4"}
@@ -119,7 +119,7 @@ def per_call(label: str, statement, number: int = 200_000) -> str:
 
 def micro() -> list[str]:
     from producer import telemetry as producer_telemetry
-    from workers import telemetry as worker_telemetry
+    from workers.observability import telemetry as worker_telemetry
 
     assert producer_telemetry.setup_producer() is None and not worker_telemetry.enabled()
     lines = ["per call, telemetry off (min of 5 repeats):"]
@@ -146,7 +146,7 @@ def main() -> int:
     parser.add_argument("--block", type=int, default=25, help="round trips per alternating block (default 25)")
     args = parser.parse_args()
 
-    from workers.embedded_redis import RedisServer
+    from workers.process.embedded_redis import RedisServer
 
     server = RedisServer().start()
     worker = start_worker(server.url, f"bench-otel-{os.getpid()}")

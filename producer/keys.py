@@ -28,7 +28,7 @@ def job_record(job_id: str) -> str:
 
 #: Sorted set: job id -> submission time, for every job submitted through ``FleetClient`` whose
 #: first delivery has not started yet. Workers remove a job when it starts; the delivery
-#: sweeper (workers/delivery_sweeper.py) re-sends jobs that stay here but are in no queue.
+#: sweeper (workers/queue/delivery_sweeper.py) re-sends jobs that stay here but are in no queue.
 PENDING = f"{PREFIX}:pending"
 
 #: String lock: the worker that runs this interval's delivery sweep.

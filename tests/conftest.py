@@ -10,7 +10,7 @@ import redis
 
 from producer import FleetClient
 from tests.fleet_processes import WorkerProcess
-from workers.embedded_redis import RedisServer
+from workers.process.embedded_redis import RedisServer
 
 _names = itertools.count()
 
@@ -83,7 +83,7 @@ def unique_name(prefix: str) -> str:
 @pytest.fixture(scope="session")
 def demo_registry(tmp_path_factory):
     """`fleet models init-demo` output: tiny-llama, topics and the registry serving them with minilm."""
-    from workers.models.demo_models import init_demo
+    from workers.serving.models.demo_models import init_demo
 
     return init_demo(tmp_path_factory.mktemp("demo-models"))
 

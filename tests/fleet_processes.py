@@ -13,7 +13,7 @@ from pathlib import Path
 
 import redis
 
-from workers.health import probe
+from workers.process.health import probe
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -21,7 +21,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 def fleet_executable() -> list[str]:
     """The installed ``fleet`` console script next to this interpreter (what a user types)."""
     script = Path(sys.executable).with_name("fleet")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "workers.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "workers.commands.cli"]
 
 
 class WorkerProcess:

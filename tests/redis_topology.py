@@ -12,7 +12,7 @@ from urllib.parse import quote
 
 import redis
 
-from workers.embedded_redis import RedisServer, free_port, redis_server_binary
+from workers.process.embedded_redis import RedisServer, free_port, redis_server_binary
 
 
 class AuthRedisServer(RedisServer):

@@ -12,7 +12,7 @@ from producer.celery_config import PRIORITY_BULK, PRIORITY_INTERACTIVE
 from producer.queues import queue_depth
 from producer.settings import FleetSettings
 from tests.fleet_processes import WorkerProcess
-from workers.embedded_redis import RedisServer
+from workers.process.embedded_redis import RedisServer
 
 pytestmark = pytest.mark.integration
 

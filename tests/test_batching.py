@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from workers.batching import (
+from workers.serving.batching import (
     BatchContractError,
     BatcherClosed,
     BatcherConfigError,

@@ -25,8 +25,8 @@ def bert_dir(tmp_path_factory):
 
 def make_embedder(bert_dir, *, dtype: str, graphs: bool, max_batch_size: int = 16):
     from producer.contract import ModelKind
-    from workers.models.embedder import Embedder
-    from workers.registry import ModelSpec
+    from workers.serving.models.embedder import Embedder
+    from workers.serving.registry import ModelSpec
 
     spec = ModelSpec(name="bert-test", kind=ModelKind.EMBED, source=f"dir:{bert_dir}", dtype=dtype,
                      max_batch_size=max_batch_size, max_seq_len=128)

@@ -12,9 +12,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from workers.batching import DynamicBatcher
-from workers.models.embedder import Embedder, batch_buckets, bucket_for, finish_vectors, seq_buckets
-from workers.registry import load_registry
+from workers.serving.batching import DynamicBatcher
+from workers.serving.models.embedder import Embedder, batch_buckets, bucket_for, finish_vectors, seq_buckets
+from workers.serving.registry import load_registry
 from workers.settings import DEFAULT_REGISTRY
 
 TEXTS = [

@@ -2,7 +2,7 @@
 documented limits and survive a JSON round trip, and the producer and the worker agree on every payload.
 
 Pure unit tests: no Redis, no worker process. The producer side is ``producer.client.validate_request``
-(what every ``FleetClient`` submit method calls); the worker side is ``workers.tasks.parse_payload``
+(what every ``FleetClient`` submit method calls); the worker side is ``workers.queue.tasks.parse_payload``
 (what every task runs on its raw arguments, after JSON decoding).
 """
 
@@ -31,7 +31,7 @@ from producer.contract import (
 from producer.contract.inference import FLOAT32_MAX
 from producer.contract.training import DATASETS_FOR_KIND, Precision, TrainKind
 from producer.errors import InvalidRequest, JobFailedError
-from workers.tasks import parse_payload
+from workers.queue.tasks import parse_payload
 
 REQUESTS = [EmbedRequest, ClassifyRequest, GenerateRequest, TrainRequest]
 MODEL_NAME = re.compile(MODEL_NAME_PATTERN)

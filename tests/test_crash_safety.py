@@ -24,7 +24,7 @@ from producer import FleetClient
 from producer.contract import Limits
 from producer.settings import FleetSettings
 from tests.fleet_processes import WorkerProcess
-from workers.embedded_redis import RedisServer
+from workers.process.embedded_redis import RedisServer
 
 pytestmark = pytest.mark.integration
 

@@ -10,7 +10,7 @@ import pytest
 
 from producer import ErrorCode, FleetClient, JobFailedError
 from tests.fleet_processes import WorkerProcess, fleet_executable
-from workers.embedded_redis import RedisServer
+from workers.process.embedded_redis import RedisServer
 
 pytestmark = pytest.mark.integration
 

@@ -1,4 +1,4 @@
-"""Jobs lost in delivery are sent again (workers/delivery_sweeper.py), against a real Redis.
+"""Jobs lost in delivery are sent again (workers/queue/delivery_sweeper.py), against a real Redis.
 
 A worker SIGKILLed right after Redis handed it a message (BRPOP) and before it recorded the
 message as unacknowledged loses that message; these tests reproduce exactly that state by
@@ -16,8 +16,8 @@ import redis
 
 from producer import FleetClient, keys
 from tests.fleet_processes import WorkerProcess
-from workers.delivery_sweeper import UNACKED_HASH, DeliverySweeper, message_job_id
-from workers.embedded_redis import RedisServer
+from workers.queue.delivery_sweeper import UNACKED_HASH, DeliverySweeper, message_job_id
+from workers.process.embedded_redis import RedisServer
 
 pytestmark = pytest.mark.integration
 

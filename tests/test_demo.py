@@ -9,7 +9,7 @@ import subprocess
 import pytest
 
 from tests.fleet_processes import fleet_executable
-from workers.embedded_redis import RedisServer
+from workers.process.embedded_redis import RedisServer
 
 pytestmark = pytest.mark.integration
 

@@ -155,7 +155,7 @@ def test_every_compose_registry_model_is_served(services):
     registry_file = ROOT / "infra" / "compose" / "registry.toml"
     models = tomllib.loads(registry_file.read_text())["models"]
     try:
-        from workers.registry import load_registry
+        from workers.serving.registry import load_registry
     except ImportError:
         pass
     else:

@@ -101,7 +101,7 @@ def registry_models() -> dict[str, Any]:
     """The models of the registry the Kubernetes deployment mounts, via Fleet's own loader."""
     path = K8S / "base" / "registry.toml"
     try:
-        from workers.registry import load_registry
+        from workers.serving.registry import load_registry
     except ImportError:  # the loader is optional here; fall back to the documented format
         return {name: dict(table, name=name) for name, table in tomllib.loads(path.read_text())["models"].items()}
     return load_registry(path)

@@ -143,7 +143,7 @@ def test_result_validation_is_strict_with_clear_errors(fields, problem):
 def test_worker_base64_is_the_float_path_bit_for_bit():
     """The worker's two finishing steps on the same pooled vectors: identical float32 values."""
     torch = pytest.importorskip("torch")
-    from workers.models.embedder import finish_vectors, finish_vectors_b64
+    from workers.serving.models.embedder import finish_vectors, finish_vectors_b64
 
     pooled = list((torch.randn(7, 384, generator=torch.Generator().manual_seed(3)) * 4).unbind(0))
     for normalize in (True, False):

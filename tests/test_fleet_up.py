@@ -10,7 +10,7 @@ import pytest
 import redis
 
 from tests.fleet_processes import REPO_ROOT, fleet_executable, wait_for
-from workers.health import read_heartbeats
+from workers.process.health import read_heartbeats
 
 pytestmark = pytest.mark.integration
 

@@ -1,10 +1,10 @@
-"""`fleet up --flower` never serves Flower without a login (unit tests of workers.flower.flower_auth_env)."""
+"""`fleet up --flower` never serves Flower without a login (unit tests of workers.commands.flower.flower_auth_env)."""
 
 from __future__ import annotations
 
 import stat
 
-from workers.flower import GENERATED_USER, flower_auth_env
+from workers.commands.flower import GENERATED_USER, flower_auth_env
 
 
 def test_a_configured_login_is_kept_and_nothing_is_written(tmp_path):

@@ -30,8 +30,8 @@ from playwright.sync_api import expect, sync_playwright
 
 from producer import FleetClient
 from tests.fleet_processes import REPO_ROOT, fleet_executable, wait_for
-from workers.embedded_redis import RedisServer, free_port
-from workers.health import probe
+from workers.process.embedded_redis import RedisServer, free_port
+from workers.process.health import probe
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -16,8 +16,8 @@ import pytest
 
 from producer import FleetClient
 from tests.fleet_processes import REPO_ROOT, fleet_executable
-from workers.embedded_redis import RedisServer
-from workers.health import read_heartbeats
+from workers.process.embedded_redis import RedisServer
+from workers.process.health import read_heartbeats
 
 torch = pytest.importorskip("torch")
 pytestmark = [pytest.mark.gpu, pytest.mark.integration,
@@ -31,7 +31,7 @@ def write_random_models(root: Path) -> Path:
     from transformers import BertForSequenceClassification
 
     from bench.models import build_random_bert
-    from workers.models.demo_models import write_tiny_llama
+    from workers.serving.models.demo_models import write_tiny_llama
 
     build_random_bert(root / "encoder", num_hidden_layers=4, hidden_size=256, num_attention_heads=4,
                       intermediate_size=1024)

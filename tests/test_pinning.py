@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from workers.devices import DeviceError, parse_device, pin_cuda_device
-from workers.supervisor import PlanError, plan_workers
+from workers.process.devices import DeviceError, parse_device, pin_cuda_device
+from workers.process.supervisor import PlanError, plan_workers
 
 
 def test_cuda_index_pins_one_gpu_and_becomes_cuda0():

@@ -22,7 +22,7 @@ from kombu import Connection, Exchange, Queue
 from producer import FleetClient, keys
 from producer.settings import FleetSettings
 from tests.fleet_processes import WorkerProcess
-from workers.embedded_redis import RedisServer
+from workers.process.embedded_redis import RedisServer
 
 pytestmark = pytest.mark.integration
 
@@ -91,8 +91,8 @@ def _queued(client: redis.Redis) -> int:
 # --- the kombu fix, deterministically ---------------------------------------------------
 
 def test_detached_channel_close_keeps_messages_and_late_ack_still_works(aof_redis):
-    """The state Celery leaves behind after losing the broker mid-job (see workers/redis_patches.py)."""
-    from workers import redis_patches
+    """The state Celery leaves behind after losing the broker mid-job (see workers/queue/redis_patches.py)."""
+    from workers.queue import redis_patches
 
     redis_patches.install()
     connection = Connection(aof_redis.url, transport_options={"visibility_timeout": VISIBILITY_S})
@@ -118,10 +118,10 @@ def test_detached_channel_close_keeps_messages_and_late_ack_still_works(aof_redi
 
 
 def test_result_store_rides_out_a_short_outage(aof_redis):
-    """Fix C in workers/redis_patches.py: a finished job's result is stored once Redis is back."""
+    """Fix C in workers/queue/redis_patches.py: a finished job's result is stored once Redis is back."""
     from celery import Celery
 
-    from workers.app import worker_config  # installs the patches
+    from workers.queue.app import worker_config  # installs the patches
     from workers.settings import WorkerSettings
 
     app = Celery("store-test", set_as_current=False)

@@ -22,7 +22,7 @@ from producer import FleetClient, JobFailedError
 from producer.settings import FleetSettings
 from tests.fleet_processes import WorkerProcess, fleet_executable
 from tests.redis_topology import AuthRedisServer
-from workers.embedded_redis import free_port, redis_server_binary
+from workers.process.embedded_redis import free_port, redis_server_binary
 
 pytestmark = pytest.mark.integration
 

@@ -30,7 +30,7 @@ from producer.redis_connection import (
 from producer.settings import FleetSettings
 from tests.fleet_processes import WorkerProcess
 from tests.redis_topology import SentinelTopology
-from workers.health import probe
+from workers.process.health import probe
 
 MASTER = "fleet"
 

@@ -143,7 +143,7 @@ def test_json_log_line_with_exception():
     ("json", True, "json"), ("text", False, "text"), ("", True, "text"), ("", False, "json"), ("auto", False, "json"),
 ])
 def test_worker_log_format_from_environment(monkeypatch, env_value, tty, expected):
-    from workers.logs import resolve_format
+    from workers.observability.logs import resolve_format
 
     monkeypatch.setenv("FLEET_LOG_FORMAT", env_value)
 

@@ -80,7 +80,7 @@ def test_producer_without_endpoint_installs_nothing_and_connects_nowhere():
 
 def test_worker_without_endpoint_installs_nothing_and_connects_nowhere():
     report = run_clean("""
-        from workers import telemetry
+        from workers.observability import telemetry
         handle = telemetry.setup_worker("cpu", device_name="CPU")
         assert not handle.enabled and not telemetry.enabled()
         with telemetry.batch_span("minilm", [telemetry.current_span_context()]) as scope:
@@ -98,7 +98,7 @@ def test_worker_after_a_producer_in_the_same_process_still_gets_metrics():
     code = textwrap.dedent("""
         from opentelemetry import metrics, trace
         from producer import telemetry as base
-        from workers import telemetry
+        from workers.observability import telemetry
         producer_side = base.setup_producer()
         assert producer_side.meter_provider is None
         handle = telemetry.setup_worker("cpu")

@@ -10,7 +10,7 @@ import textwrap
 import pytest
 
 from tests.fleet_processes import REPO_ROOT
-from workers.embedded_redis import free_port
+from workers.process.embedded_redis import free_port
 
 pytest.importorskip("opentelemetry.exporter.prometheus", reason="opentelemetry-exporter-prometheus not installed")
 
@@ -21,7 +21,7 @@ def test_prometheus_endpoint_serves_ml_metrics():
         import time, urllib.request
         from types import SimpleNamespace
         from opentelemetry import trace
-        from workers import telemetry
+        from workers.observability import telemetry
         handle = telemetry.setup_worker("cpu")
         assert handle.enabled and telemetry.enabled()
         assert type(trace.get_tracer_provider()).__name__ == "ProxyTracerProvider"  # metrics only

@@ -20,7 +20,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind  # noqa: E402
 
 from producer.errors import JobFailedError  # noqa: E402
-from workers import telemetry  # noqa: E402
+from workers.observability import telemetry  # noqa: E402
 
 
 @pytest.fixture()

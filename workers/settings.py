@@ -11,7 +11,7 @@ from pydantic_settings import SettingsConfigDict
 
 from producer.settings import FleetSettings
 
-DEFAULT_REGISTRY = Path(__file__).with_name("registry.default.toml")
+DEFAULT_REGISTRY = Path(__file__).parent / "serving" / "registry.default.toml"
 
 
 class WorkerSettings(FleetSettings):
@@ -33,7 +33,7 @@ class WorkerSettings(FleetSettings):
     #: Deliveries (crashes and failed runs together) before a job goes to the dead-letter list.
     max_attempts: int = Field(3, ge=1, le=100)
     heartbeat_interval_s: float = Field(2.0, gt=0)
-    #: Seconds between delivery sweeps, fleet-wide (workers/delivery_sweeper.py); 0 = off.
+    #: Seconds between delivery sweeps, fleet-wide (workers/queue/delivery_sweeper.py); 0 = off.
     sweep_interval_s: float = Field(60.0, ge=0)
     #: A job is examined by the sweep only once it has waited this long since submission (s).
     sweep_grace_s: float = Field(120.0, gt=0)

@@ -18,8 +18,8 @@
 #
 # The project itself is NOT pip-installed there: the repository root goes on
 # PYTHONPATH, so `import producer` / `import workers` work as-is. The `fleet`
-# console script ([project.scripts] fleet = "workers.cli:main") does not exist
-# there either; use `python3 -m workers.cli ARGS...` instead (workers/cli.py
+# console script ([project.scripts] fleet = "workers.commands.cli:main") does not exist
+# there either; use `python3 -m workers.commands.cli ARGS...` instead (workers/commands/cli.py
 # must end with `if __name__ == "__main__": sys.exit(main())`). For programs
 # that spawn `fleet` by name, a shim `fleet` that runs exactly that is put on
 # PATH below. Console scripts of the carried wheels (e.g. `celery`) land in
@@ -94,7 +94,7 @@ _fleet_setup() {
 
     # `fleet` shim (see the header) and PATH.
     mkdir -p /tmp/fleet-bin
-    printf '#!/bin/sh\nexec python3 -m workers.cli "$@"\n' > /tmp/fleet-bin/fleet
+    printf '#!/bin/sh\nexec python3 -m workers.commands.cli "$@"\n' > /tmp/fleet-bin/fleet
     chmod +x /tmp/fleet-bin/fleet
     export PATH="$FLEET_ROOT/.devbin:/tmp/site/bin:/tmp/fleet-bin:$PATH"
 

@@ -3,7 +3,7 @@
 Each worker is a separate ``fleet worker`` process (fork + exec: nothing CUDA-initialised is
 ever forked), pinned with ``CUDA_VISIBLE_DEVICES`` so it sees exactly one GPU. A worker that
 dies is restarted with exponential backoff; SIGINT/SIGTERM stops them all (each drains).
-Other children (``--flower``: the Flower dashboard, see ``workers.flower``) are supervised the
+Other children (``--flower``: the Flower dashboard, see ``workers.commands.flower``) are supervised the
 same way. The supervisor itself never imports torch.
 """
 
@@ -169,7 +169,7 @@ class Supervisor:
 
 def worker_command(plan: WorkerPlan, models: str, registry: str | None, train: bool) -> list[str]:
     """The ``fleet worker`` command line for ``plan``."""
-    command = [sys.executable, "-m", "workers.cli", "worker", "--device", plan.device, "--name", plan.name]
+    command = [sys.executable, "-m", "workers.commands.cli", "worker", "--device", plan.device, "--name", plan.name]
     if models:
         command += ["--models", models]
     if registry:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, BertForSequenceClassification
 
-from workers.registry import ModelSpec, resolve_source
+from workers.serving.registry import ModelSpec, resolve_source
 from workers.training.data import load_fables, train_tokenizer
 from workers.training.models import build_tiny_llama
 from workers.training.workloads import LM_VOCAB_SIZE

@@ -1,7 +1,7 @@
 """Fixes that keep a busy worker correct across a Redis restart or failover.
 
 Found by ``tests/test_redis_restart.py`` and ``python -m bench.chaos`` with kombu 5.7.0,
-Celery 5.7 and redis-py 8. ``install()`` applies all of them (idempotent); ``workers/app.py``
+Celery 5.7 and redis-py 8. ``install()`` applies all of them (idempotent); ``workers/queue/app.py``
 calls it, so every worker process (and Flower) has them.
 
 A. kombu: the worker dies when Redis drops while jobs are in flight (same code path as
@@ -46,10 +46,10 @@ The fixes:
   one the message came on (same URL and transport options, Sentinel included).
 - C: the result backend's client retries connection errors and timeouts (Redis loading its
   data included) with the backoff of ``producer.redis_connection.patient_retry`` (about
-  10 to 19 s in all) before an error reaches the task; ``workers/app.py`` also sets
+  10 to 19 s in all) before an error reaches the task; ``workers/queue/app.py`` also sets
   ``result_backend_always_retry`` so that storing a result outlasts longer outages.
 
-A graceful shutdown, the drain hand-back in ``workers/worker_main.py`` and every ack on a
+A graceful shutdown, the drain hand-back in ``workers/process/worker_main.py`` and every ack on a
 live channel take kombu's own code paths unchanged.
 """
 

@@ -35,9 +35,9 @@ import numpy as np
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-from workers import telemetry
-from workers.models.base import compute_dtype
-from workers.registry import ModelSpec, resolve_source
+from workers.observability import telemetry
+from workers.serving.models.base import compute_dtype
+from workers.serving.registry import ModelSpec, resolve_source
 
 log = logging.getLogger(__name__)
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from workers import telemetry
-from workers.models.base import compute_dtype
-from workers.registry import ModelSpec, resolve_source
+from workers.observability import telemetry
+from workers.serving.models.base import compute_dtype
+from workers.serving.registry import ModelSpec, resolve_source
 
 
 class TextClassifier:

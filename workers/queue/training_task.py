@@ -13,9 +13,9 @@ from producer import keys
 from producer.contract import TASK_TRAIN, ErrorCode, TrainRequest
 from producer.contract.training import TrainKind
 from producer.errors import JobFailedError
-from workers import runtime as runtime_module
-from workers.app import app
-from workers.tasks import FleetRequest, JobContext, parse_payload, refuse_bad_headers
+from workers.serving import runtime as runtime_module
+from workers.queue.app import app
+from workers.queue.tasks import FleetRequest, JobContext, parse_payload, refuse_bad_headers
 
 log = logging.getLogger(__name__)
 

@@ -8,9 +8,9 @@ import time
 import torch
 
 from producer.contract import ModelKind
-from workers.models.base import memory_snapshot
-from workers.models.report import LoadReport
-from workers.registry import ModelSpec
+from workers.serving.models.base import memory_snapshot
+from workers.serving.models.report import LoadReport
+from workers.serving.registry import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -18,15 +18,15 @@ log = logging.getLogger(__name__)
 def _implementation(spec: ModelSpec):
     """The resident-model class for ``spec``: by kind, and for classifiers by what the directory holds."""
     if spec.kind is ModelKind.EMBED:
-        from workers.models.embedder import Embedder
+        from workers.serving.models.embedder import Embedder
 
         return Embedder
     if spec.kind is ModelKind.GENERATE:
-        from workers.models.generator import Generator
+        from workers.serving.models.generator import Generator
 
         return Generator
-    from workers.models.classifier import TextClassifier
-    from workers.models.feature_classifier import FeatureClassifier, is_feature_classifier
+    from workers.serving.models.classifier import TextClassifier
+    from workers.serving.models.feature_classifier import FeatureClassifier, is_feature_classifier
 
     return FeatureClassifier if is_feature_classifier(spec) else TextClassifier
 

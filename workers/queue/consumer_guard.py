@@ -6,7 +6,7 @@ which Celery treats as fatal: the worker process exits, and the message, still u
 comes back to kill the next worker. ``install()`` wraps the consumer's task handler so that
 such a message is rejected (dropped, as Celery drops a message of unknown format) and, when
 its ``id`` header is a string, its job ends in FAILURE with ``invalid_input``.
-``workers/app.py`` calls it, so every worker process has it.
+``workers/queue/app.py`` calls it, so every worker process has it.
 """
 
 from __future__ import annotations

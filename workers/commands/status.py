@@ -12,7 +12,7 @@ from producer import keys
 from producer.queues import queue_depth
 from producer.redis_connection import redis_client
 from producer.settings import FleetSettings
-from workers.health import read_heartbeats
+from workers.process.health import read_heartbeats
 
 
 def print_status() -> int:

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 
 from producer.contract import ErrorCode, ModelKind
 from producer.errors import JobFailedError
-from workers.batching import DynamicBatcher
-from workers.models.report import LoadReport
-from workers.registry import ModelSpec
+from workers.serving.batching import DynamicBatcher
+from workers.serving.models.report import LoadReport
+from workers.serving.registry import ModelSpec
 from workers.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ class WorkerRuntime:
     @classmethod
     def load(cls, settings: WorkerSettings, device: str, specs: list[ModelSpec]) -> "WorkerRuntime":
         """Load and warm up every model in ``specs`` on ``device``; any failure propagates."""
-        from workers.models.loader import load_model
+        from workers.serving.models.loader import load_model
 
         models: dict[str, ResidentModel] = {}
         for spec in specs:

@@ -9,7 +9,7 @@ import sys
 def _cmd_worker(args: argparse.Namespace) -> int:
     import signal
 
-    from workers.worker_main import WorkerOptions, exit_before_consuming, run_worker
+    from workers.process.worker_main import WorkerOptions, exit_before_consuming, run_worker
 
     signal.signal(signal.SIGTERM, exit_before_consuming)  # Celery installs its own once consuming
     from workers.settings import WorkerSettings
@@ -21,7 +21,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from workers.demo import run_demo
+    from workers.commands.demo import run_demo
 
     return run_demo()
 
@@ -31,7 +31,7 @@ def _cmd_health(args: argparse.Namespace) -> int:
 
     from producer.redis_connection import RedisURLError, redis_client
     from producer.settings import FleetSettings
-    from workers.health import probe
+    from workers.process.health import probe
 
     try:
         client = redis_client(FleetSettings(), patient=False, socket_connect_timeout=2, socket_timeout=2)
@@ -48,9 +48,9 @@ def _cmd_up(args: argparse.Namespace) -> int:
     import os
     import socket
 
-    from workers.logs import configure_logging
+    from workers.observability.logs import configure_logging
     from workers.settings import WorkerSettings
-    from workers.supervisor import PlanError, Supervised, Supervisor, plan_workers, visible_gpus
+    from workers.process.supervisor import PlanError, Supervised, Supervisor, plan_workers, visible_gpus
 
     settings = WorkerSettings()
     configure_logging(settings.log_level)
@@ -61,7 +61,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
         return 2
     children = [Supervised.worker(plan, args.models, args.registry, args.train) for plan in plans]
     if args.flower:
-        from workers import flower
+        from workers.commands import flower
 
         auth_env, how_to_log_in = flower.flower_auth_env(dict(os.environ))
         children.append(Supervised(flower.NAME, flower.flower_command(args.flower_port), auth_env))
@@ -73,8 +73,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
 def _cmd_models_init_demo(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from workers.logs import configure_logging
-    from workers.models.demo_models import init_demo
+    from workers.observability.logs import configure_logging
+    from workers.serving.models.demo_models import init_demo
 
     configure_logging("INFO")
     registry = init_demo(Path(args.dir))
@@ -88,7 +88,7 @@ def _cmd_dlq(args: argparse.Namespace) -> int:
 
     from producer.redis_connection import redis_client
     from producer.settings import FleetSettings
-    from workers import dlq
+    from workers.queue import dlq
 
     client = redis_client(FleetSettings())
     if args.dlq_command == "list":
@@ -105,7 +105,7 @@ def _cmd_dlq(args: argparse.Namespace) -> int:
     if args.dlq_command == "show":
         print(json.dumps(entry, indent=2))
         return 0
-    from workers.app import app
+    from workers.queue.app import app
 
     dlq.retry(client, app, args.job_id)
     print(f"re-sent job {args.job_id} to {entry['queue']}")
@@ -113,19 +113,19 @@ def _cmd_dlq(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from workers.train_cli import run_train_command
+    from workers.commands.train_cli import run_train_command
 
     return run_train_command(args)
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from workers.status import print_status
+    from workers.commands.status import print_status
 
     return print_status()
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from workers import flower as flower_defaults  # constants only: imports neither Celery nor Flower
+    from workers.commands import flower as flower_defaults  # constants only: imports neither Celery nor Flower
 
     parser = argparse.ArgumentParser(prog="fleet", description="Fleet: ML jobs on a Redis queue.")
     commands = parser.add_subparsers(dest="command", required=True)

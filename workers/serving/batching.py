@@ -33,7 +33,7 @@ from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
 
-from workers import telemetry
+from workers.observability import telemetry
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Flower, the Celery dashboard, as a child process of ``fleet up --flower``.
 
-Flower runs as ``celery --app=workers.app:app flower`` under this interpreter, so it uses the
+Flower runs as ``celery --app=workers.queue.app:app flower`` under this interpreter, so it uses the
 same Celery app, and thus the same broker (``REDIS_URL``), as the workers. It shows workers
 and tasks from the events they send (``worker_send_task_events``, ``task_send_sent_event``);
 it only knows about tasks whose events arrive while it runs. Flower's own ``FLOWER_*``
@@ -30,7 +30,7 @@ CREDENTIALS_FILE = Path("var/flower-credentials")
 
 def flower_command(port: int) -> list[str]:
     """The command line that serves Flower on ``http://127.0.0.1:<port>`` for Fleet's Celery app."""
-    return [sys.executable, "-m", "celery", "--app=workers.app:app", "flower",
+    return [sys.executable, "-m", "celery", "--app=workers.queue.app:app", "flower",
             f"--address={ADDRESS}", f"--port={port}"]
 
 

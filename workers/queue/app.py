@@ -5,7 +5,7 @@ from __future__ import annotations
 from celery import Celery
 
 from producer.celery_config import celery_config
-from workers import consumer_guard, redis_patches
+from workers.queue import consumer_guard, redis_patches
 from workers.settings import WorkerSettings
 
 redis_patches.install()  # busy workers must ride out Redis restarts and failovers (see the module)
@@ -34,7 +34,7 @@ def worker_config(settings: WorkerSettings) -> dict:
         "result_backend_max_retries": 60,
         "result_backend_base_sleep_between_retries_ms": 50,
         "result_backend_max_sleep_between_retries_ms": 2000,
-        "imports": ("workers.tasks", "workers.training_task"),
+        "imports": ("workers.queue.tasks", "workers.queue.training_task"),
     })
     return config
 

@@ -6,7 +6,7 @@ import resource
 
 import torch
 
-from workers.registry import DType, ModelSpec
+from workers.serving.registry import DType, ModelSpec
 
 TORCH_DTYPES = {DType.FP32: torch.float32, DType.FP16: torch.float16, DType.BF16: torch.bfloat16}
 

@@ -20,10 +20,10 @@ from celery import signals
 
 from producer import keys, redis_connection
 from producer.contract import TRAINING_QUEUE
-from workers.devices import DeviceError, choose_device, device_identity, parse_device, pin_cuda_device
-from workers.health import Heartbeat
-from workers.logs import configure_logging
-from workers.registry import RegistryError, load_registry, select, with_trained_models
+from workers.process.devices import DeviceError, choose_device, device_identity, parse_device, pin_cuda_device
+from workers.process.health import Heartbeat
+from workers.observability.logs import configure_logging
+from workers.serving.registry import RegistryError, load_registry, select, with_trained_models
 from workers.settings import WorkerSettings
 
 log = logging.getLogger("fleet.worker")
@@ -108,8 +108,8 @@ def start_delivery_sweeper(redis_client: redis.Redis, name: str, settings: Worke
     """Start this worker's share of the delivery sweep (None when ``FLEET_SWEEP_INTERVAL_S`` is 0)."""
     if not settings.sweep_interval_s:
         return None
-    from workers.app import app
-    from workers.delivery_sweeper import DeliverySweeper, resend_from_record
+    from workers.queue.app import app
+    from workers.queue.delivery_sweeper import DeliverySweeper, resend_from_record
 
     return DeliverySweeper(redis_client, lambda job_id, record: resend_from_record(app, job_id, record), owner=name,
                            interval_s=settings.sweep_interval_s, grace_s=settings.sweep_grace_s).start()
@@ -134,8 +134,8 @@ def run_worker(options: WorkerOptions, settings: WorkerSettings | None = None) -
 
     import torch  # first torch import: after pinning, in the process that will use the device
 
-    from workers import runtime as runtime_module
-    from workers.runtime import WorkerRuntime
+    from workers.serving import runtime as runtime_module
+    from workers.serving.runtime import WorkerRuntime
 
     try:
         choice = choose_device(requested)
@@ -157,7 +157,7 @@ def run_worker(options: WorkerOptions, settings: WorkerSettings | None = None) -
     publish_catalog(redis_client, specs)
     name = worker_name(options, choice.device, settings.hostname)
     identity = device_identity(choice.device)
-    from workers import telemetry
+    from workers.observability import telemetry
 
     worker_telemetry = telemetry.setup_worker(choice.device, runtime=runtime, device_name=identity["name"])
 
@@ -201,7 +201,7 @@ def run_worker(options: WorkerOptions, settings: WorkerSettings | None = None) -
     signals.worker_ready.connect(on_ready, weak=False)
     signals.worker_shutting_down.connect(on_shutdown, weak=False)
 
-    from workers.app import app
+    from workers.queue.app import app
 
     worker = app.Worker(hostname=name, pool="threads", concurrency=concurrency, queues=queues,
                         loglevel=settings.log_level.upper(), without_mingle=True, without_gossip=True,

@@ -32,10 +32,10 @@ from producer.contract import (
     ModelKind,
 )
 from producer.errors import JobFailedError
-from workers import inference
-from workers import runtime as runtime_module
-from workers.app import app
-from workers.dlq import dead_letter
+from workers.serving import inference
+from workers.serving import runtime as runtime_module
+from workers.queue.app import app
+from workers.queue.dlq import dead_letter
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ from producer.contract import (
     GenerateResult,
     LabelScore,
 )
-from workers import telemetry
-from workers.runtime import ResidentModel
+from workers.observability import telemetry
+from workers.serving.runtime import ResidentModel
 
 #: Generation polls for cancellation once every this many tokens (one Redis EXISTS each).
 CANCEL_CHECK_EVERY_TOKENS = 8
@@ -33,7 +33,7 @@ def embed(resident: ResidentModel, request: EmbedRequest, context=None) -> Embed
     The vectors go back as JSON floats, or with ``encoding="base64"`` as base64 text of their
     float32 bytes (no per-float Python object: far less GIL-held CPU for big jobs).
     """
-    from workers.models.embedder import finish_vectors, finish_vectors_b64
+    from workers.serving.models.embedder import finish_vectors, finish_vectors_b64
 
     with telemetry.tokenize_span(request.model, len(request.texts)) as span:
         id_lists = resident.impl.encode_each(list(request.texts))

@@ -15,7 +15,7 @@ import torch
 
 from producer.contract import ErrorCode
 from producer.errors import JobFailedError
-from workers.registry import ModelSpec
+from workers.serving.registry import ModelSpec
 from workers.training.models import CLASSIFIER_CONFIG, load_classifier
 
 

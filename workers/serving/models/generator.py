@@ -14,8 +14,8 @@ import torch
 from transformers import AutoTokenizer, LlamaForCausalLM
 
 from producer.contract import GenerateRequest, GenerateResult
-from workers.models.base import compute_dtype
-from workers.registry import ModelSpec, resolve_source
+from workers.serving.models.base import compute_dtype
+from workers.serving.registry import ModelSpec, resolve_source
 
 
 class Generator:

@@ -25,8 +25,8 @@ from rich.table import Table
 
 from producer import FleetClient
 from producer.settings import FleetSettings
-from workers.embedded_redis import RedisServer, redis_answers
-from workers.health import probe
+from workers.process.embedded_redis import RedisServer, redis_answers
+from workers.process.health import probe
 
 SENTENCES = [
     "A man is playing a guitar on stage.",
@@ -57,7 +57,7 @@ def demo_registry(console: Console) -> Path:
     registry = DEMO_MODELS / "registry.toml"
     if not registry.exists():
         with console.status("writing the demo models once (a topic classifier on MiniLM, a tiny Llama) ..."):
-            done = subprocess.run([sys.executable, "-m", "workers.cli", "models", "init-demo", "--dir", str(DEMO_MODELS)],
+            done = subprocess.run([sys.executable, "-m", "workers.commands.cli", "models", "init-demo", "--dir", str(DEMO_MODELS)],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"fleet models init-demo failed:\n{done.stderr[-3000:]}")
@@ -68,7 +68,7 @@ def start_worker(redis_url: str, name: str, registry: Path) -> subprocess.Popen:
     """Start ``fleet worker --device cpu --models minilm,topics --train`` as a child process."""
     env = {**os.environ, "REDIS_URL": redis_url, "FLEET_LOG_LEVEL": os.environ.get("FLEET_LOG_LEVEL", "WARNING"),
            "FLEET_ARTIFACT_DIR": str(DEMO_MODELS / "artifacts")}
-    command = [sys.executable, "-m", "workers.cli", "worker", "--device", "cpu", "--registry", str(registry),
+    command = [sys.executable, "-m", "workers.commands.cli", "worker", "--device", "cpu", "--registry", str(registry),
                "--models", "minilm,topics", "--train", "--name", name]
     return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 

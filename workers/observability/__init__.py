@@ -1,0 +1,1 @@
+"""Observability: OpenTelemetry traces and metrics for the worker, and JSON logs."""

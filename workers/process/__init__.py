@@ -1,0 +1,1 @@
+"""Process management: device pinning, the worker entry point, the supervisor, health and the embedded Redis."""

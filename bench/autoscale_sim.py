@@ -1,7 +1,7 @@
 """Replay a job trace against KEDA's queue-length scaling and Fleet's graceful drain.
 
 This is a deterministic, discrete-time model of what the Kubernetes deployment in
-infra/k8s does, used by tests/test_autoscaling_sim.py to show that, for the shipped
+infra/k8s does, used by tests/deploy/test_autoscaling_sim.py to show that, for the shipped
 ScaledObject and Deployment settings, a burst's backlog clears, replicas return to the
 minimum afterwards, and no job is cut off mid-run when a pod is scaled down.
 

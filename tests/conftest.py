@@ -9,7 +9,7 @@ import pytest
 import redis
 
 from producer import FleetClient
-from tests.fleet_processes import WorkerProcess
+from tests.support.fleet_processes import WorkerProcess
 from workers.process.embedded_redis import RedisServer
 
 _names = itertools.count()

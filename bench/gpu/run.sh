@@ -30,7 +30,7 @@ mkdir -p "$OUT"
 cat "$OUT/env.txt"
 
 echo "== gpu tests"
-timeout 150 python3 -m pytest -m gpu tests/test_batching_gpu.py -q -p no:cacheprovider -o addopts="" 2>&1 \
+timeout 150 python3 -m pytest -m gpu tests/unit/test_batching_gpu.py -q -p no:cacheprovider -o addopts="" 2>&1 \
   | tee "$OUT/gpu-tests.txt"
 tests_rc=${PIPESTATUS[0]}
 

@@ -9,7 +9,7 @@ binary and no network. pykustomize 0.1.4 declares Requires-Python >= 3.14 but is
 cffi over a bundled shared library and works on 3.11; install it with
 ``pip install --ignore-requires-python pykustomize==0.1.4`` (docs/DEPLOY.md explains).
 
-The tests (tests/test_deploy_k8s.py, tests/test_autoscaling_sim.py) import this file by
+The tests (tests/deploy/test_deploy_k8s.py, tests/deploy/test_autoscaling_sim.py) import this file by
 path; it depends only on PyYAML, kombu and (for rendering) pykustomize.
 """
 

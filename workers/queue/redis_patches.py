@@ -1,6 +1,6 @@
 """Fixes that keep a busy worker correct across a Redis restart or failover.
 
-Found by ``tests/test_redis_restart.py`` and ``python -m bench.chaos`` with kombu 5.7.0,
+Found by ``tests/integration/test_redis_restart.py`` and ``python -m bench.chaos`` with kombu 5.7.0,
 Celery 5.7 and redis-py 8. ``install()`` applies all of them (idempotent); ``workers/queue/app.py``
 calls it, so every worker process (and Flower) has them.
 

@@ -836,7 +836,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         attempts = {}
         for start in range(0, len(submitter.submitted), 1000):
             chunk = [job.id for job in submitter.submitted[start:start + 1000]]
-            for job_id, value in zip(chunk, client.mget([keys.attempts(j) for j in chunk])):
+            with client.pipeline(transaction=False) as pipe:
+                for job_id in chunk:
+                    pipe.hget(keys.crash_record(job_id), "charges")
+                values = pipe.execute()
+            for job_id, value in zip(chunk, values):
                 if value is not None:
                     attempts[job_id] = int(value)
         dead_letters = client.hlen(keys.DEAD_LETTERS)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from producer import serialization
 from producer.redis_connection import is_sentinel_url, sentinel_master_name
 from producer.settings import FleetSettings
 
@@ -25,8 +26,10 @@ def celery_config(settings: FleetSettings) -> dict[str, Any]:
     """Return the Celery settings shared by every Fleet process.
 
     JSON only: ``accept_content`` refuses any other serializer, so a pickle or YAML
-    message is rejected by the worker and never deserialised.
+    message is rejected by the worker and never deserialised. The JSON is written and read
+    with orjson (``producer.serialization``, installed here for this process).
     """
+    serialization.install()
     transport_options = {
         "visibility_timeout": settings.visibility_timeout_s,
         "priority_steps": PRIORITY_STEPS,

@@ -41,9 +41,11 @@ MISSING_JOBS = f"{PREFIX}:missing"
 DEAD_LETTERS = f"{PREFIX}:dlq"
 
 
-def attempts(job_id: str) -> str:
-    """Counter of deliveries of a job to a worker; past the limit the job is dead-lettered."""
-    return f"{PREFIX}:attempts:{job_id}"
+def crash_record(job_id: str) -> str:
+    """Hash of a job's part in device-process crashes: ``charges`` (crashes while it was computed alone)
+    and ``suspect`` ("1": it shared a batch that crashed, so it runs alone next). Written by the worker's
+    launcher, read when the job is delivered again (workers/queue/job_context.py). Expires with results."""
+    return f"{PREFIX}:crash:{job_id}"
 
 
 def idempotency(key: str) -> str:

@@ -7,16 +7,13 @@ import sys
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
-    import signal
-
-    from workers.process.worker_main import WorkerOptions, exit_before_consuming, run_worker
-
-    signal.signal(signal.SIGTERM, exit_before_consuming)  # Celery installs its own once consuming
+    from workers.process.worker_main import WorkerOptions, run_worker
     from workers.settings import WorkerSettings
 
     overrides = {"model_registry": args.registry} if args.registry else {}
     models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else []
-    options = WorkerOptions(device=args.device, models=models, name=args.name, train=args.train)
+    options = WorkerOptions(device=args.device, models=models, name=args.name, train=args.train,
+                            consumers=args.consumers)
     return run_worker(options, WorkerSettings(**overrides))
 
 
@@ -59,7 +56,10 @@ def _cmd_up(args: argparse.Namespace) -> int:
     except PlanError as exc:
         print(f"fleet up: {exc}", file=sys.stderr)
         return 2
-    children = [Supervised.worker(plan, args.models, args.registry, args.train) for plan in plans]
+    from workers.process.worker_main import default_consumers
+
+    consumers = args.consumers or default_consumers(plans[0].device, os.cpu_count() or 1, len(plans))
+    children = [Supervised.worker(plan, args.models, args.registry, args.train, consumers) for plan in plans]
     if args.flower:
         from workers.commands import flower
 
@@ -136,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--registry", default=None, help="model registry TOML (default $FLEET_MODEL_REGISTRY)")
     worker.add_argument("--name", default=None, help="worker node name (default fleet-<device>@<host>)")
     worker.add_argument("--train", action="store_true", help="also take training jobs")
+    worker.add_argument("--consumers", type=int, default=None,
+                        help="consumer processes feeding the device process (default: 1 on CPU, from the cores per GPU)")
     worker.set_defaults(func=_cmd_worker)
 
     demo = commands.add_parser("demo", help="run the whole path once on this machine")
@@ -152,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--models", default="", help="comma-separated model names every worker serves")
     up.add_argument("--registry", default=None, help="model registry TOML (default $FLEET_MODEL_REGISTRY)")
     up.add_argument("--train", action="store_true", help="workers also take training jobs")
+    up.add_argument("--consumers", type=int, default=None,
+                    help="consumer processes per worker (default: 1 on CPU, from the cores per GPU)")
     up.add_argument("--flower", action="store_true", help="also run the Flower dashboard (on 127.0.0.1)")
     up.add_argument("--flower-port", type=int, default=flower_defaults.DEFAULT_PORT,
                     help=f"Flower's port (default {flower_defaults.DEFAULT_PORT})")

@@ -489,6 +489,17 @@ def current_span_context():
     return context if context.is_valid else None
 
 
+def current_traceparent() -> str | None:
+    """The W3C ``traceparent`` of the span current in this thread, or None (telemetry off, or no span).
+
+    A consumer sends it with a job to the device process, whose batch span links back to the job.
+    """
+    context = current_span_context()
+    if context is None:
+        return None
+    return f"00-{context.trace_id:032x}-{context.span_id:016x}-{int(context.trace_flags):02x}"
+
+
 def tokenize_span(model: str, texts: int):
     """Span ``fleet.tokenize`` around a job's tokenisation; ``record_tokens(id_lists)`` adds token counts."""
     state = _state

@@ -101,9 +101,10 @@ class Supervised:
     restart_at: float | None = None
 
     @classmethod
-    def worker(cls, plan: WorkerPlan, models: str, registry: str | None, train: bool) -> "Supervised":
+    def worker(cls, plan: WorkerPlan, models: str, registry: str | None, train: bool,
+               consumers: int | None = None) -> "Supervised":
         """The ``fleet worker`` child for ``plan``, with its pinning environment."""
-        return cls(plan.name, worker_command(plan, models, registry, train), plan.env)
+        return cls(plan.name, worker_command(plan, models, registry, train, consumers), plan.env)
 
     def start(self) -> None:
         self.process = subprocess.Popen(self.command, env={**os.environ, **self.env})
@@ -167,9 +168,12 @@ class Supervisor:
         return 0
 
 
-def worker_command(plan: WorkerPlan, models: str, registry: str | None, train: bool) -> list[str]:
-    """The ``fleet worker`` command line for ``plan``."""
+def worker_command(plan: WorkerPlan, models: str, registry: str | None, train: bool,
+                   consumers: int | None = None) -> list[str]:
+    """The ``fleet worker`` command line for ``plan`` (``consumers`` None: the worker's own default)."""
     command = [sys.executable, "-m", "workers.commands.cli", "worker", "--device", plan.device, "--name", plan.name]
+    if consumers:
+        command += ["--consumers", str(consumers)]
     if models:
         command += ["--models", models]
     if registry:

@@ -1,45 +1,90 @@
-"""``fleet worker``: pin a device, load models, publish the catalog, then consume.
+"""``fleet worker``: one worker group on one device: a device process and N consumer processes.
 
-Order matters: the device is pinned before torch starts, models load in this process
-before the consumer starts (threads pool, never prefork), and the worker reports ready
-only once Celery's consumer is running.
+The process the user starts is the group's *launcher*. It never imports torch, Celery's
+worker or the models. It:
+
+1. pins the device (``CUDA_VISIBLE_DEVICES``) and reads the registry;
+2. starts, with multiprocessing's ``spawn`` (nothing is ever forked from a process that
+   touched CUDA), the **device process** (workers/serving/device_server.py: torch, the
+   resident models, one batcher per model) and ``--consumers`` **consumer processes**
+   (workers/process/consumer_main.py: Celery workers, threads pool, no torch) that import
+   their code while the models load;
+3. once the device reports its models, publishes the catalog, gives the consumers the model
+   cards and writes the group's heartbeat (ready once every process is ready);
+4. watches them: a consumer that dies is started again (the jobs it held come back to their
+   queues after the visibility timeout); if the device process dies, the consumers' waiting
+   jobs are handed back to their queues, the jobs it was computing are charged or marked
+   suspect (docs/RELIABILITY.md, "Attempts"), the consumers stop, and the launcher exits with
+   ``EXIT_DEVICE_LOST`` so that ``fleet up`` (or Kubernetes) restarts the whole group;
+5. on SIGTERM or SIGINT: consumers drain (jobs in flight finish within ``FLEET_DRAIN_GRACE_S``,
+   the rest are handed back), then the device process stops, then the launcher exits 0.
+
+The group's processes share a status board (workers/process/status_board.py) and talk over
+a ZeroMQ socket in a private runtime directory.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import os
+import shutil
 import signal
-import threading
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import redis
-from celery import signals
 
 from producer import keys, redis_connection
 from producer.contract import TRAINING_QUEUE
-from workers.process.devices import DeviceError, choose_device, device_identity, parse_device, pin_cuda_device
-from workers.process.health import Heartbeat
 from workers.observability.logs import configure_logging
-from workers.serving.registry import RegistryError, load_registry, select, with_trained_models
+from workers.process.devices import DeviceError, parse_device, pin_cuda_device
+from workers.process.health import Heartbeat
+from workers.process.status_board import COMPUTING_SLOTS, MAX_CONSUMERS, State, StatusBoard
+from workers.serving.registry import ModelSpec, RegistryError, load_registry, select, with_trained_models
 from workers.settings import WorkerSettings
 
 log = logging.getLogger("fleet.worker")
 
 EXIT_CONFIG_ERROR = 2
 EXIT_LOAD_ERROR = 3
+#: The device process died; the group stopped so that its supervisor starts it again.
+EXIT_DEVICE_LOST = 4
+
+#: How often the launcher looks at its processes (s).
+WATCH_S = 0.2
+#: The heartbeat waits at most this long for the device's statistics (s).
+STATS_TIMEOUT_S = 1.0
+#: After the consumers' drain grace, how long the launcher waits for them before killing them (s).
+STOP_MARGIN_S = 15.0
 
 
 @dataclass(frozen=True)
 class WorkerOptions:
-    """What ``fleet worker`` was asked to do."""
+    """What ``fleet worker`` was asked to do. ``consumers`` None: ``default_consumers``."""
 
     device: str
     models: list[str]
     name: str | None = None
     train: bool = False
+    consumers: int | None = None
+
+
+def default_consumers(device: str, cpus: int, devices_on_host: int = 1) -> int:
+    """Consumer processes for one device when ``--consumers`` is not given.
+
+    CPU workers: 1 (the model's own threads need the cores). GPU workers: the CPU cores this
+    device's share of the host has, less two (its device process and Redis), halved (leave
+    room for producers), between 1 and 8.
+    """
+    if not device.startswith("cuda"):
+        return 1
+    share = max(1, cpus // max(1, devices_on_host))
+    return max(1, min(8, (share - 2) // 2))
 
 
 def worker_name(options: WorkerOptions, device: str, hostname: str) -> str:
@@ -52,73 +97,40 @@ def worker_name(options: WorkerOptions, device: str, hostname: str) -> str:
     return f"fleet-{tag}@{hostname}"
 
 
-def publish_catalog(redis_client: redis.Redis, specs) -> None:
+def consumer_node_name(group_name: str, index: int) -> str:
+    """Consumer 0 carries the group's name; the others ``<name>-c<i>@<host>``."""
+    if index == 0:
+        return group_name
+    base, _, host = group_name.partition("@")
+    return f"{base}-c{index}@{host}" if host else f"{base}-c{index}"
+
+
+def publish_catalog(redis_client: redis.Redis, specs: list[ModelSpec]) -> None:
     """Record the models this worker serves so clients can validate model names before enqueue."""
     if specs:
         redis_client.hset(keys.CATALOG, mapping={
             spec.name: json.dumps({"kind": spec.kind.value, "queue": spec.queue}) for spec in specs})
 
 
-def exit_before_consuming(signum: int, _frame: object) -> None:
-    """SIGTERM while loading: nothing was taken from a queue yet, so exit cleanly at once."""
-    log.info("received %s before consuming: exiting", signal.Signals(signum).name)
-    raise SystemExit(0)
-
-
-def start_drain_watchdog(worker, runtime, grace_s: float, on_exit, redis_client: redis.Redis) -> None:
-    """After SIGTERM, give in-flight jobs ``grace_s`` seconds; then hand the rest back and exit.
-
-    Celery's warm shutdown has stopped consuming and waits for running tasks without limit.
-    If they outlast the grace period, their unacknowledged messages are restored to their
-    queues (kombu's ``restore_unacked_once``) for another worker, ``on_exit()`` runs, and the
-    process exits 0.
-    """
-
-    def watch() -> None:
-        deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline:
-            if runtime.in_flight == 0:
-                return
-            time.sleep(0.1)
-        if runtime.in_flight == 0:
-            return
-        log.warning("drain grace of %.1f s over with %d job(s) in flight: handing them back", grace_s,
-                    runtime.in_flight)
-        channel = worker.consumer.task_consumer.channel
-        handed_back = list(runtime.in_flight_ids)
-        try:
-            # A hand-back is not a failed attempt: undo the count so it does not move the job toward the DLQ.
-            with redis_client.pipeline(transaction=False) as pipe:
-                for job_id in handed_back:
-                    pipe.decr(keys.attempts(job_id))
-                pipe.execute()
-            # Close the consumer's connections first: a BRPOP still blocked on one of them would
-            # otherwise take a restored message straight back into this exiting process.
-            channel.async_pool.disconnect()
-            channel.qos.restore_unacked_once()
-        finally:
-            on_exit()
-            logging.shutdown()
-            os._exit(0)
-
-    threading.Thread(target=watch, name="drain-watchdog", daemon=True).start()
-
-
-def start_delivery_sweeper(redis_client: redis.Redis, name: str, settings: WorkerSettings):
-    """Start this worker's share of the delivery sweep (None when ``FLEET_SWEEP_INTERVAL_S`` is 0)."""
-    if not settings.sweep_interval_s:
-        return None
-    from workers.queue.app import app
-    from workers.queue.delivery_sweeper import DeliverySweeper, resend_from_record
-
-    return DeliverySweeper(redis_client, lambda job_id, record: resend_from_record(app, job_id, record), owner=name,
-                           interval_s=settings.sweep_interval_s, grace_s=settings.sweep_grace_s).start()
+def charge_crash(redis_client: redis.Redis, computing: list[list[str]], ttl_s: int) -> None:
+    """After the device process died: charge each job it was computing alone; mark batch-mates suspect."""
+    with redis_client.pipeline(transaction=False) as pipe:
+        for job_ids in computing:
+            for job_id in job_ids:
+                key = keys.crash_record(job_id)
+                if len(job_ids) == 1:
+                    pipe.hincrby(key, "charges", 1)
+                else:
+                    pipe.hset(key, "suspect", "1")
+                pipe.expire(key, ttl_s)
+        pipe.execute()
 
 
 def run_worker(options: WorkerOptions, settings: WorkerSettings | None = None) -> int:
-    """Run one worker until it is shut down; return the process exit code."""
+    """Run one worker group until it is shut down; return the process exit code."""
     settings = settings or WorkerSettings()
     configure_logging(settings.log_level)
+    stop = _StopRequest()
     redis_client = redis_connection.redis_client(settings)
     try:
         requested = pin_cuda_device(parse_device(options.device))
@@ -131,85 +143,242 @@ def run_worker(options: WorkerOptions, settings: WorkerSettings | None = None) -
     if not specs and not options.train:
         log.error("cannot start worker: give --models and/or --train")
         return EXIT_CONFIG_ERROR
-
-    import torch  # first torch import: after pinning, in the process that will use the device
-
-    from workers.serving import runtime as runtime_module
-    from workers.serving.runtime import WorkerRuntime
-
-    try:
-        choice = choose_device(requested)
-    except DeviceError as exc:
-        log.error("cannot start worker: %s", exc)
+    if len(specs) > COMPUTING_SLOTS - 1:
+        log.error("cannot start worker: at most %d models per worker, %d given", COMPUTING_SLOTS - 1, len(specs))
         return EXIT_CONFIG_ERROR
-    log.info("device %s: %s", choice.device, choice.reason)
-    if settings.torch_threads:
-        torch.set_num_threads(settings.torch_threads)
-
-    log.info("loading %d model(s) on %s: %s", len(specs), choice.device, ", ".join(s.name for s in specs))
+    consumers = options.consumers or default_consumers(requested, os.cpu_count() or 1)
+    if not 1 <= consumers <= MAX_CONSUMERS:
+        log.error("cannot start worker: --consumers must be 1..%d, got %d", MAX_CONSUMERS, consumers)
+        return EXIT_CONFIG_ERROR
+    group = WorkerGroup(options, settings, specs, requested, consumers, redis_client, stop)
     try:
-        runtime = WorkerRuntime.load(settings, choice.device, specs)
-    except Exception as exc:  # noqa: BLE001 - any load failure stops the worker with its reason
-        log.error("cannot start worker: loading models failed: %s: %s", type(exc).__name__, exc)
-        return EXIT_LOAD_ERROR
-    runtime_module.install(runtime)
+        return group.run()
+    finally:
+        group.close()
 
-    publish_catalog(redis_client, specs)
-    name = worker_name(options, choice.device, settings.hostname)
-    identity = device_identity(choice.device)
-    from workers.observability import telemetry
 
-    worker_telemetry = telemetry.setup_worker(choice.device, runtime=runtime, device_name=identity["name"])
+class _StopRequest:
+    """SIGTERM/SIGINT to the launcher: remember it; the launcher's loop acts on it."""
 
-    def snapshot() -> dict:
+    def __init__(self) -> None:
+        self.requested = False
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        if not self.requested:
+            log.info("received %s: stopping the worker group", signal.Signals(signum).name)
+        self.requested = True
+
+
+class WorkerGroup:
+    """The launcher's view of its device process and consumers."""
+
+    def __init__(self, options: WorkerOptions, settings: WorkerSettings, specs: list[ModelSpec], requested: str,
+                 consumers: int, redis_client: redis.Redis, stop: _StopRequest):
+        self.options, self.settings, self.specs = options, settings, specs
+        self.redis, self.stop = redis_client, stop
+        self.name = worker_name(options, requested, settings.hostname)
+        self.queues = [spec.queue for spec in specs] + ([TRAINING_QUEUE] if options.train else [])
+        # A training-only worker takes one job at a time, so that queued training jobs stay in
+        # Redis (visible to autoscalers) instead of waiting in this group.
+        self.concurrency = 1 if options.train and not specs else settings.concurrency
+        self.consumer_count = 1 if options.train and not specs else consumers
+        self.runtime_dir = Path(tempfile.mkdtemp(prefix="fleet-worker-", dir=_runtime_root()))
+        self.address = f"ipc://{self.runtime_dir / 'device.sock'}"
+        self.board = StatusBoard.create(self.runtime_dir / "board", self.consumer_count)
+        self.context = multiprocessing.get_context("spawn")
+        self.device_process: Any = None
+        self.consumers: list[Any] = [None] * self.consumer_count
+        self.cards: dict[str, Any] | None = None
+        self.heartbeat: Heartbeat | None = None
+        self.stats: dict[str, Any] = {}
+        self.started_at = time.time()
+        self._requested_device = requested
+
+    # --- processes ----------------------------------------------------------------------------
+
+    def _settings_dict(self) -> dict[str, Any]:
+        return self.settings.model_dump(mode="json", exclude={"hostname"}) | {"hostname": self.settings.hostname}
+
+    def _start_device(self) -> Any:
+        from workers.serving.device_server import DeviceConfig, device_main
+
+        parent, child = self.context.Pipe(duplex=False)
+        config = DeviceConfig(worker_name=self.name, device=self._requested_device,
+                              specs=[spec.model_dump(mode="json") for spec in self.specs], address=self.address,
+                              board_path=str(self.board.path), settings=self._settings_dict())
+        process = self.context.Process(target=device_main, args=(config, child), name="fleet-device")
+        process.start()
+        child.close()
+        self._device_ready = parent
+        return process
+
+    def _start_consumer(self, index: int) -> Any:
+        from workers.process.consumer_main import ConsumerConfig, consumer_main
+
+        receive, send = self.context.Pipe(duplex=False)
+        config = ConsumerConfig(worker_name=self.name, node_name=consumer_node_name(self.name, index), index=index,
+                                queues=self.queues, concurrency=self.concurrency, address=self.address,
+                                board_path=str(self.board.path), run_sweeper=index == 0,
+                                settings=self._settings_dict())
+        process = self.context.Process(target=consumer_main, args=(config, receive), name=f"fleet-consumer-{index}")
+        process.start()
+        receive.close()
+        process.cards_pipe = send
+        if self.cards is not None:
+            send.send(self.cards)
+        return process
+
+    # --- life --------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        log.info("starting worker %s: device %s, %d consumer process(es), models %s", self.name,
+                 self._requested_device, self.consumer_count, ", ".join(s.name for s in self.specs) or "-")
+        self.device_process = self._start_device()
+        self.consumers = [self._start_consumer(index) for index in range(self.consumer_count)]
+        ready = self._wait_for_device()
+        if ready is None:
+            return self._shutdown(EXIT_LOAD_ERROR if not self.stop.requested else 0)
+        self.cards = ready
+        publish_catalog(self.redis, self.specs)
+        for process in self.consumers:
+            process.cards_pipe.send(ready)
+        self.heartbeat = Heartbeat(self.redis, self.name, self.snapshot, self.settings.heartbeat_interval_s,
+                                   self.settings.heartbeat_interval_s * self.settings.heartbeat_ttl_intervals).start()
+        return self._watch()
+
+    def _wait_for_device(self) -> dict[str, Any] | None:
+        """The device's ready message, or None if it failed, died or the group was told to stop."""
+        while not self.stop.requested:
+            if self._device_ready.poll(WATCH_S):
+                try:
+                    message = self._device_ready.recv()
+                except EOFError:
+                    message = {"ok": False, "error": "the device process exited while loading"}
+                if message.get("ok"):
+                    log.info("device process ready on %s: %s", message["device"],
+                             ", ".join(card["name"] for card in message["cards"]) or "no models")
+                    return message
+                log.error("cannot start worker: loading models failed: %s", message.get("error"))
+                return None
+            if not self.device_process.is_alive():
+                log.error("cannot start worker: the device process exited (code %s) while loading",
+                          self.device_process.exitcode)
+                return None
+        return None
+
+    def _watch(self) -> int:
+        while not self.stop.requested:
+            if not self.device_process.is_alive():
+                return self._device_lost()
+            for index, process in enumerate(self.consumers):
+                if not process.is_alive():
+                    log.warning("consumer %d exited (code %s); starting it again", index, process.exitcode)
+                    self.consumers[index] = self._start_consumer(index)
+            ready = self.board.device().state is State.READY and all(
+                status.state is State.READY for status in self.board.all_consumers())
+            if ready != self.heartbeat.ready:
+                self.heartbeat.ready = ready
+                self.heartbeat.beat()
+                if ready:
+                    log.info("worker %s ready: consuming %s", self.name, ", ".join(self.queues))
+            time.sleep(WATCH_S)
+        return self._shutdown(0)
+
+    def _device_lost(self) -> int:
+        code = self.device_process.exitcode
+        self.board.set_device(State.FAILED)  # consumers' waiting jobs end with DeviceLost: handed back
+        computing = [job_ids for job_ids, _ in self.board.device().computing]
+        log.error("the device process died (exit code %s) while computing %s; stopping the group", code,
+                  "; ".join(",".join(ids) for ids in computing) or "nothing")
+        try:
+            charge_crash(self.redis, computing, self.settings.result_expires_s)
+        except redis.RedisError as exc:
+            log.error("could not record which jobs the device was computing: %s", exc)
+        self._shutdown(EXIT_DEVICE_LOST)
+        return EXIT_DEVICE_LOST
+
+    def _shutdown(self, code: int) -> int:
+        """Drain the consumers, then stop the device process; return ``code``."""
+        if self.heartbeat is not None:
+            self.heartbeat.ready = False
+            self.heartbeat.beat()
+        for process in self.consumers:
+            if process is None:
+                continue
+            if self.cards is None:
+                try:
+                    process.cards_pipe.send(None)  # never started consuming: tell it to go
+                except OSError:
+                    pass
+            if process.is_alive():
+                os.kill(process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + self.settings.drain_grace_s + STOP_MARGIN_S
+        for process in self.consumers:
+            if process is None:
+                continue
+            process.join(max(0.1, deadline - time.monotonic()))
+            if process.is_alive():
+                log.error("consumer pid %d did not drain in time; killing it", process.pid)
+                process.kill()
+                process.join()
+        if self.device_process is not None and self.device_process.is_alive():
+            os.kill(self.device_process.pid, signal.SIGTERM)
+            self.device_process.join(STOP_MARGIN_S)
+            if self.device_process.is_alive():
+                self.device_process.kill()
+                self.device_process.join()
+        log.info("worker %s stopped", self.name)
+        return code
+
+    def close(self) -> None:
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
+        self.board.close()
+        shutil.rmtree(self.runtime_dir, ignore_errors=True)
+
+    # --- heartbeat ------------------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        """The heartbeat body: the device, each consumer and the models, with the device's statistics."""
+        device = self.board.device()
+        consumers = self.board.all_consumers()
+        cards = (self.cards or {}).get("cards", [])
+        identity = (self.cards or {}).get("identity", {})
+        self.stats = self._device_stats() or self.stats
         return {
-            "host": settings.hostname, "pid": os.getpid(), "device": choice.device, "device_name": identity["name"],
-            "device_uuid": identity["uuid"], "visible_gpus": identity["visible_gpus"], "models": sorted(runtime.models), "train": options.train,
-            "in_flight": runtime.in_flight, "jobs_done": runtime.jobs_done, "last_job_at": runtime.last_job_at, "started_at": runtime.started_at,
-            "load": {n: {"load_s": r.report.load_s, "rss_bytes": r.report.rss_bytes,
-                         "cuda_allocated_bytes": r.report.cuda_allocated_bytes,
-                         "cuda_reserved_bytes": r.report.cuda_reserved_bytes} for n, r in runtime.models.items()},
-            "batching": {n: r.batcher.stats_snapshot() for n, r in runtime.models.items() if r.batcher is not None},
+            "host": self.settings.hostname, "pid": os.getpid(), "device": (self.cards or {}).get("device"),
+            "device_name": identity.get("name"), "device_uuid": identity.get("uuid"),
+            "visible_gpus": identity.get("visible_gpus"), "models": sorted(card["name"] for card in cards),
+            "train": self.options.train, "in_flight": sum(c.in_flight for c in consumers),
+            "jobs_done": sum(c.jobs_done for c in consumers), "started_at": self.started_at,
+            "device_process": {"pid": device.pid, "state": device.state.name.lower(), "batches": device.batches,
+                               "tick_age_s": round(time.monotonic() - device.tick, 3) if device.tick else None},
+            "consumers": [{"index": c.index, "pid": c.pid, "state": c.state.name.lower(), "in_flight": c.in_flight,
+                           "jobs_done": c.jobs_done,
+                           "tick_age_s": round(time.monotonic() - c.tick, 3) if c.tick else None}
+                          for c in consumers],
+            "load": {card["name"]: card["load"] for card in cards},
+            **self.stats,
         }
 
-    heartbeat = Heartbeat(redis_client, name, snapshot, settings.heartbeat_interval_s,
-                          settings.heartbeat_interval_s * settings.heartbeat_ttl_intervals).start()
-    sweeper = start_delivery_sweeper(redis_client, name, settings)
+    def _device_stats(self) -> dict[str, Any] | None:
+        """The device process's batcher and memory statistics (one ``stats`` request), or None."""
+        if self.cards is None or not self.device_process.is_alive():
+            return None
+        from workers.serving.device_client import DeviceClient, DeviceLost
 
-    def on_ready(**_: object) -> None:
-        heartbeat.ready = True
-        heartbeat.beat()
-        log.info("worker %s ready: consuming %s", name, ", ".join(queues))
+        client = self.__dict__.get("_stats_client")
+        if client is None:
+            client = self.__dict__["_stats_client"] = DeviceClient(self.address, self.board)
+        try:
+            reply, _ = client.request({"op": "stats"}, timeout_s=STATS_TIMEOUT_S)
+        except (DeviceLost, TimeoutError):
+            return None
+        return {key: reply[key] for key in ("batching", "memory") if key in reply}
 
-    def on_shutdown(**_: object) -> None:
-        heartbeat.ready = False
-        heartbeat.beat()
-        log.info("draining: %d job(s) in flight, grace %.1f s", runtime.in_flight, settings.drain_grace_s)
-        start_drain_watchdog(worker, runtime, settings.drain_grace_s, on_exit=stop_services,
-                             redis_client=redis_client)
 
-    def stop_services() -> None:
-        heartbeat.stop()
-        if sweeper is not None:
-            sweeper.stop()
-        worker_telemetry.shutdown()  # flush spans and metrics before a hard exit
-
-    queues = [spec.queue for spec in specs] + ([TRAINING_QUEUE] if options.train else [])
-    # A training-only worker takes one job at a time, so that queued training jobs stay in
-    # Redis (visible to autoscalers) instead of waiting in this process.
-    concurrency = 1 if options.train and not specs else settings.concurrency
-    signals.worker_ready.connect(on_ready, weak=False)
-    signals.worker_shutting_down.connect(on_shutdown, weak=False)
-
-    from workers.queue.app import app
-
-    worker = app.Worker(hostname=name, pool="threads", concurrency=concurrency, queues=queues,
-                        loglevel=settings.log_level.upper(), without_mingle=True, without_gossip=True,
-                        optimization="fair")
-    try:
-        worker.start()
-    finally:
-        stop_services()
-        runtime.close()
-    return worker.exitcode or 0
-
+def _runtime_root() -> str | None:
+    """Where group runtime directories go: ``/dev/shm`` (memory) when usable, else the temp directory."""
+    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None

@@ -5,6 +5,7 @@ from __future__ import annotations
 from celery import Celery
 
 from producer.celery_config import celery_config
+from producer.redis_connection import is_sentinel_url
 from workers.queue import consumer_guard, redis_patches
 from workers.settings import WorkerSettings
 
@@ -13,13 +14,21 @@ consumer_guard.install()  # a malformed task header fails its job, not the worke
 
 
 def worker_config(settings: WorkerSettings) -> dict:
-    """Fleet's shared wire config plus the settings that make GPU workers safe.
+    """Fleet's shared wire config plus the settings that make GPU workers safe and fast.
 
     Late acks with reject-on-worker-lost: a job whose worker dies returns to the queue.
     Prefetch 1: jobs stay in the Redis list (visible to autoscalers) until a thread is free.
+    Fleet's transport and result backend (workers/queue/transport.py, workers/queue/results.py)
+    cut the Redis commands per job; STARTED is written by the job's own start round trip
+    (workers/queue/job_context.py), so Celery's ``task_track_started`` is off.
     """
     config = celery_config(settings)
+    sentinel = is_sentinel_url(settings.redis_url)
+    backend = "FleetSentinelBackend" if sentinel else "FleetRedisBackend"
     config.update({
+        "broker_transport": f"workers.queue.transport:{'FleetSentinelTransport' if sentinel else 'FleetTransport'}",
+        "result_backend": f"workers.queue.results:{backend}+{settings.redis_url}",
+        "task_track_started": False,
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "task_acks_on_failure_or_timeout": True,

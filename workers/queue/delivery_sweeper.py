@@ -8,7 +8,7 @@ so the visibility timeout never brings it back (docs/RELIABILITY.md).
 Fleet's client keeps what it needs to send a job again: every submission adds the job to the
 sorted set ``keys.PENDING`` (score: submission time) and writes the task, queue, priority,
 deadline and request into the job record; the worker removes the job from the set when its
-first delivery starts (``workers.queue.tasks.JobContext.begin_attempt``). So a job still pending
+first delivery starts (``workers.queue.job_context.JobContext.start``). So a job still pending
 long after submission is either waiting in its queue, held by a worker that has not started
 it (recorded in ``unacked``), or lost.
 

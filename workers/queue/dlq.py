@@ -41,7 +41,7 @@ def retry(client: redis.Redis, celery_app, job_id: str) -> bool:
     if entry is None:
         return False
     with client.pipeline(transaction=False) as pipe:
-        pipe.delete(keys.attempts(job_id), f"celery-task-meta-{job_id}")
+        pipe.delete(keys.crash_record(job_id), f"celery-task-meta-{job_id}")
         pipe.hdel(keys.DEAD_LETTERS, job_id)
         pipe.execute()
     celery_app.send_task(entry["task"], args=[entry["payload"]], task_id=job_id, queue=entry["queue"])

@@ -68,6 +68,12 @@ def _broker_of(channel):
     return getattr(transport, "client", None)
 
 
+def remember_broker(qos) -> None:
+    """Keep the ``kombu.Connection`` a QoS's messages came on, for acks after a reconnect (fix B)."""
+    if qos.__dict__.get("_fleet_broker") is None:
+        qos._fleet_broker = _broker_of(qos.channel)
+
+
 def install() -> None:
     """Apply fixes A to D (once per process)."""
     _patch_kombu_qos()
@@ -118,8 +124,7 @@ def _patch_kombu_qos() -> None:
     original_reject = qos_cls.reject
 
     def append(self, message, delivery_tag):
-        if self.__dict__.get("_fleet_broker") is None:
-            self._fleet_broker = _broker_of(self.channel)  # remembered for acks after a reconnect
+        remember_broker(self)
         return original_append(self, message, delivery_tag)
 
     def restore_unacked(self, client=None):

@@ -1,24 +1,22 @@
-"""Celery tasks: thin wrappers that validate a payload, run it, and return a contract result.
+"""Celery tasks: thin wrappers that start a job, validate its payload, run it, and return a contract result.
 
 Every failure a payload can cause becomes a ``JobFailedError`` with an ``ErrorCode``: the
-job ends in FAILURE with a structured error and the worker keeps serving.
+job ends in FAILURE with a structured error and the worker keeps serving. A job whose
+device process died before answering is handed back to its queue uncharged (``Reject`` with
+requeue); the attempt rule is in workers/queue/job_context.py.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import Any, Callable
 
-from celery import states
-from celery.exceptions import Ignore
+from celery.exceptions import Ignore, Reject
 from celery.utils.time import maybe_iso8601
 from celery.worker.request import Request
 from pydantic import BaseModel, ValidationError
 
-from producer import keys
 from producer.contract import (
     PROTOCOL_VERSION,
     TASK_CLASSIFY,
@@ -32,10 +30,12 @@ from producer.contract import (
     ModelKind,
 )
 from producer.errors import JobFailedError
+from workers.queue.app import app
+from workers.queue.group_commit import GroupCommit
+from workers.queue.job_context import JobContext, Start
 from workers.serving import inference
 from workers.serving import runtime as runtime_module
-from workers.queue.app import app
-from workers.queue.dlq import dead_letter
+from workers.serving.device_client import DeviceLost
 
 log = logging.getLogger(__name__)
 
@@ -128,127 +128,79 @@ def refuse_bad_headers(task) -> None:
                              {"headers": bad_headers})
 
 
-@dataclass
-class JobContext:
-    """What a running job may ask of its task: attempts, deadline, cancellation, dead-lettering, streaming."""
+#: The start round trips of this process's jobs, grouped (workers/queue/group_commit.py).
+_starts: GroupCommit | None = None
 
-    task: Any
 
-    @property
-    def job_id(self) -> str:
-        return self.task.request.id
+def starts() -> GroupCommit:
+    global _starts
+    if _starts is None:
+        _starts = GroupCommit(lambda: app.backend.client)
+    return _starts
 
-    @property
-    def redis(self):
-        return self.task.backend.client
 
-    def begin_attempt(self) -> int:
-        """Count this delivery of the job; return how many deliveries there have been (1 = first).
+Execute = Callable[[Any, Any, JobContext], dict]
 
-        Also takes the job off ``keys.PENDING`` and drops the request copy from its record: its
-        message reached a worker, so the delivery sweeper has nothing to re-send.
-        """
-        key = keys.attempts(self.job_id)
-        with self.redis.pipeline(transaction=False) as pipe:
-            pipe.incr(key)
-            pipe.expire(key, app.conf.result_expires)
-            pipe.zrem(keys.PENDING, self.job_id)
-            pipe.hdel(keys.job_record(self.job_id), "request")
-            attempt = pipe.execute()[0]
-        return int(attempt)
 
-    def already_finished(self) -> bool:
-        """True if the result backend already holds this job's SUCCESS (a redelivery after a lost ack)."""
-        return self.task.backend.get_state(self.job_id) == states.SUCCESS
-
-    def expired(self) -> bool:
-        """True if the job's deadline (Celery ``expires``) has passed."""
-        expires = self.task.request.expires
-        if not expires:
-            return False
-        # Celery's own ISO 8601 parser (dateutil): it accepted this header, and it takes forms that
-        # datetime.fromisoformat refuses ("2030-01", "2030-01-01T24:00").
-        deadline = maybe_iso8601(expires) if isinstance(expires, str) else expires
-        if deadline.tzinfo is None:  # ISO 8601 without an offset: UTC, as Celery reads it (enable_utc)
-            deadline = deadline.replace(tzinfo=timezone.utc)
-        return datetime.now(timezone.utc) >= deadline
-
-    def stop_as_expired(self) -> None:
-        """Store REVOKED("expired"), as Celery does for jobs it drops at receipt, and end the task."""
-        self.task.backend.mark_as_revoked(self.job_id, reason="expired", request=self.task.request)
+def begin(task) -> tuple[JobContext, Start]:
+    """Start the job (one grouped round trip) and end the task at once if it must not run:
+    it already has a final state, was cancelled, or is past its deadline."""
+    context = JobContext(task)
+    start = context.start(starts())
+    if not start.proceed:
         raise Ignore()
-
-    def dead_letter(self, payload: Any, reason: str, attempt: int) -> None:
-        """Move the job to the dead-letter list with ``reason``."""
-        queue = (self.task.request.delivery_info or {}).get("routing_key", "")
-        dead_letter(self.redis, self.job_id, task=self.task.name, queue=queue, payload=payload, reason=reason,
-                    attempts=attempt)
-        log.error("job %s dead-lettered after %d attempt(s): %s", self.job_id, attempt, reason)
-
-    def cancelled(self) -> bool:
-        """True once ``handle.cancel()`` was called for this job."""
-        return bool(self.job_id) and bool(self.task.backend.client.exists(keys.cancel_flag(self.job_id)))
-
-    def stop_as_cancelled(self) -> None:
-        """Store REVOKED for this job and end the task without a result (the message is acked)."""
-        self.task.backend.mark_as_revoked(self.job_id, reason="cancelled", request=self.task.request)
-        raise Ignore()
-
-    def publish_piece(self, piece: str | None) -> None:
-        """Append a piece of streamed output; ``None`` marks the end of the stream."""
-        client = self.task.backend.client
-        stream = keys.token_stream(self.job_id)
-        fields = {"done": "1"} if piece is None else {"piece": piece}
-        with client.pipeline(transaction=False) as pipe:
-            pipe.xadd(stream, fields, maxlen=Limits.MAX_NEW_TOKENS + 16, approximate=True)
-            pipe.expire(stream, app.conf.result_expires)
-            pipe.execute()
+    if start.cancelled:
+        context.stop_as_cancelled()
+    if context.expired():
+        context.stop_as_expired()
+    context.isolate = start.suspect
+    return context, start
 
 
-Execute = Callable[[Any, BaseModel, JobContext], BaseModel]
+def refuse_crashed_too_often(context: JobContext, start: Start, payload: Any, max_attempts: int) -> int:
+    """This run's attempt number; a job that crashed its worker ``max_attempts`` times is dead-lettered."""
+    attempt = 1 + context.task.request.retries + start.crash_charges
+    if start.crash_charges and attempt > max_attempts:
+        reason = (f"its worker's device process died {start.crash_charges} time(s) while computing this job "
+                  f"alone; not run again")
+        context.dead_letter(payload, reason, attempt - 1)
+        raise JobFailedError(ErrorCode.WORKER_LOST.value, reason,
+                             {"dead_lettered": True, "attempts": attempt - 1})
+    return attempt
 
 
 def run_job(task, kind: ModelKind, request_cls: type[BaseModel], args: tuple, kwargs: dict,
             execute: Execute) -> dict:
-    """Validate, check cancellation and deadline, run ``execute(resident_model, request, context)``.
+    """Start, validate, run ``execute(runtime, request, context)`` and return its JSON-ready result.
 
-    Returns the result as JSON. A run that raises unexpectedly is retried (backoff) until the
-    job has had ``max_attempts`` deliveries; deliveries lost to a dying worker count too. Past
-    that the job is dead-lettered and fails with its reason.
+    A run the model fails is retried (backoff) until the job has had ``max_attempts`` attempts,
+    then dead-lettered. A job whose device process died is handed back (``Reject``, requeued).
     """
     runtime = runtime_module.current()
-    context = JobContext(task)
-    attempt = context.begin_attempt()
-    if attempt > 1 and context.already_finished():
-        log.info("job %s already succeeded; skipping its redelivery", context.job_id)
-        raise Ignore()  # keep the stored result; compute nothing twice
+    context, start = begin(task)
     refuse_bad_headers(task)
     request = parse_payload(request_cls, args, kwargs)
-    if context.cancelled():
-        context.stop_as_cancelled()
-    if context.expired():
-        context.stop_as_expired()
     max_attempts = runtime.settings.max_attempts
-    if attempt > max_attempts:
-        reason = f"delivered {attempt} times without finishing (its worker was lost each time)"
-        context.dead_letter(args[0], reason, attempt)
-        raise JobFailedError(ErrorCode.WORKER_LOST.value, reason, {"dead_lettered": True, "attempts": attempt})
-    resident = runtime.model(request.model, kind)
+    attempt = refuse_crashed_too_often(context, start, args[0], max_attempts)
+    runtime.model(request.model, kind)
     runtime.job_started(context.job_id)
     try:
-        return execute(resident, request, context).model_dump(mode="json")
+        return execute(runtime, request, context)
     except inference.Cancelled:
         context.stop_as_cancelled()
+    except DeviceLost:
+        log.warning("job %s: the device process ended; handing the job back to its queue", context.job_id)
+        raise Reject("device process lost", requeue=True) from None
     except (JobFailedError, Ignore):
         raise
     except Exception as exc:  # noqa: BLE001 - any model error fails this job only
-        log.exception("job %s failed in model %s (attempt %d)", context.job_id, request.model, attempt)
-        code = ErrorCode.OUT_OF_MEMORY if "out of memory" in str(exc).lower() else ErrorCode.MODEL_ERROR
-        message = f"{type(exc).__name__}: {exc}"
+        code = exc.code if isinstance(exc, inference.ModelFailed) else ErrorCode.MODEL_ERROR.value
+        message = str(exc) if isinstance(exc, inference.ModelFailed) else f"{type(exc).__name__}: {exc}"
+        log.error("job %s failed in model %s (attempt %d): %s", context.job_id, request.model, attempt, message)
         if attempt < max_attempts:
             raise task.retry(countdown=min(2 ** attempt, 30), max_retries=None, exc=exc)
         context.dead_letter(args[0], message, attempt)
-        raise JobFailedError(code.value, message, {"dead_lettered": True, "attempts": attempt}) from None
+        raise JobFailedError(code, message, {"dead_lettered": True, "attempts": attempt}) from None
     finally:
         runtime.job_finished(context.job_id)
 

@@ -120,6 +120,7 @@ class _Item:
     future: Future
     enqueued_at: float = field(default_factory=time.monotonic)
     context: Any = None
+    isolated: bool = False
 
 
 @dataclass(frozen=True)
@@ -214,18 +215,20 @@ class DynamicBatcher:
     # --- callers ----------------------------------------------------------------------
 
     def submit(self, payloads: Sequence[Any], costs: Sequence[float] | None = None, *,
-               context: Any = None) -> list[Future]:
+               context: Any = None, isolated: bool = False) -> list[Future]:
         """Queue ``payloads``; return one future per payload, in order.
 
         ``costs`` (e.g. token counts) order items within a batch window; ``context`` travels with
-        every item to ``BatchInfo.contexts``. Raises ``QueueFullError`` when the queue cannot take
-        all of ``payloads`` (nothing is queued then), ``BatcherClosed`` once stopped.
+        every item to ``BatchInfo.contexts``. ``isolated`` items run each in a batch of its own (a
+        job suspected of crashing the device must not take batch-mates down with it). Raises
+        ``QueueFullError`` when the queue cannot take all of ``payloads`` (nothing is queued then),
+        ``BatcherClosed`` once stopped.
         """
         if self._closed.is_set():
             raise BatcherClosed(f"batcher {self.name} is stopped")
         costs = costs if costs is not None else [0] * len(payloads)
         now = time.monotonic()
-        items = [_Item(payload, cost, Future(), now, context)
+        items = [_Item(payload, cost, Future(), now, context, isolated)
                  for payload, cost in zip(payloads, costs, strict=True)]
         if len(items) > self._queue.maxsize - self._queue.qsize():
             raise QueueFullError(f"batcher {self.name} cannot take {len(items)} more items "
@@ -369,10 +372,12 @@ class DynamicBatcher:
             raise
 
     def _cut(self, live: list[_Item]) -> list[list[_Item]]:
-        """Sort by cost, cut into batches of at most the current cap, oldest batch first."""
-        live.sort(key=lambda item: item.cost)
+        """Sort by cost, cut into batches of at most the current cap, oldest batch first;
+        isolated items alone."""
+        shared = sorted((item for item in live if not item.isolated), key=lambda item: item.cost)
         cap = self._cap
-        batches = [live[start:start + cap] for start in range(0, len(live), cap)]
+        batches = [shared[start:start + cap] for start in range(0, len(shared), cap)]
+        batches += [[item] for item in live if item.isolated]
         batches.sort(key=lambda batch: min(item.enqueued_at for item in batch))
         return batches
 

@@ -1,93 +1,181 @@
-"""Inference on resident models; each function returns a contract result.
+"""Inference jobs, consumer side: validate against the model's card, tokenise, hand over, answer.
 
-Embedding and classification go through the model's batcher (many jobs, one device batch);
-generation runs one request at a time per model. Torch is imported lazily so that importing
-the task module (e.g. from Flower) stays light.
+Each function takes the consumer runtime, a validated request and the job's context, sends
+the job to the device process (workers/serving/device_client.py) and returns the contract
+result as a JSON-ready dict. Embedding and classification rows come back as one float32
+frame; the result is built from it with NumPy (no torch here): vectors for ``"float"``
+results stay a float32 array that the orjson serializer writes directly
+(producer/serialization.py), base64 vectors are the rows' bytes.
 """
 
 from __future__ import annotations
 
+import base64
+import time
+from typing import Any
+
+import numpy as np
+
 from producer.contract import (
     ClassifyRequest,
-    ClassifyResult,
     EmbedRequest,
-    EmbedResult,
+    ErrorCode,
     GenerateRequest,
-    GenerateResult,
-    LabelScore,
+    ModelKind,
+    TrainRequest,
 )
+from producer.errors import JobFailedError
 from workers.observability import telemetry
-from workers.serving.runtime import ResidentModel
+from workers.serving import ipc
+from workers.serving.device_client import DeviceLost
+from workers.serving.runtime import ConsumerRuntime, ModelCard
 
-#: Generation polls for cancellation once every this many tokens (one Redis EXISTS each).
-CANCEL_CHECK_EVERY_TOKENS = 8
+#: While a generation or training job runs, its cancel flag is read at most this often (s): one EXISTS.
+CANCEL_POLL_S = 0.1
+
+
+class Float32Rows:
+    """Embedding vectors on their way to the result: the float32 rows as orjson writes them
+    (``__json__``, producer/serialization.py), and a short ``repr`` for Celery's task log line."""
+
+    __slots__ = ("rows",)
+
+    def __init__(self, rows: np.ndarray):
+        self.rows = rows
+
+    def __json__(self) -> np.ndarray:
+        return self.rows
+
+    def __repr__(self) -> str:
+        return f"<{self.rows.shape[0]} float32 vectors of {self.rows.shape[1]}>"
 
 
 class Cancelled(Exception):
     """The job was cancelled while it ran; the task stores REVOKED."""
 
 
-def embed(resident: ResidentModel, request: EmbedRequest, context=None) -> EmbedResult:
-    """Tokenise here (task thread), batch the forward pass with other jobs, pool and normalise.
+class ModelFailed(Exception):
+    """The model raised while computing this job (``code``: ``model_error`` or ``out_of_memory``).
 
-    The vectors go back as JSON floats, or with ``encoding="base64"`` as base64 text of their
-    float32 bytes (no per-float Python object: far less GIL-held CPU for big jobs).
+    Unlike ``JobFailedError`` it may be transient: the task retries it up to the attempt limit.
     """
-    from workers.serving.models.embedder import finish_vectors, finish_vectors_b64
 
-    with telemetry.tokenize_span(request.model, len(request.texts)) as span:
-        id_lists = resident.impl.encode_each(list(request.texts))
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def _raise_for(reply: dict[str, Any]) -> None:
+    """Turn a failure reply of the device process into the exception the task layer handles."""
+    if reply.get("ok"):
+        return
+    error = reply.get("error") or {}
+    code, message = error.get("code", ErrorCode.INTERNAL.value), error.get("message", "device error")
+    if code == "unavailable":
+        raise DeviceLost(message)
+    if code in (ErrorCode.MODEL_ERROR.value, ErrorCode.OUT_OF_MEMORY.value):
+        raise ModelFailed(code, message)
+    raise JobFailedError(code, message, error.get("details") or {})
+
+
+def _rows(runtime: ConsumerRuntime, card: ModelCard, header: dict[str, Any], payloads: tuple[bytes, ...],
+          context: Any) -> np.ndarray:
+    """One infer round trip to the device: a float32 row per input, checked to be finite."""
+    reply, frames = runtime.client.request({"op": "infer", "model": card.name, "job": context.job_id,
+                                            "trace": context.traceparent, "isolate": context.isolate, **header},
+                                           payloads)
+    _raise_for(reply)
+    rows = ipc.decode_matrix(reply["shape"], frames[0])
+    if not np.isfinite(rows).all():
+        raise JobFailedError(ErrorCode.MODEL_ERROR.value,
+                             f"model {card.name!r} produced a value that is not a finite number",
+                             {"rows_not_finite": np.flatnonzero(~np.isfinite(rows).all(axis=1))[:20].tolist()})
+    return rows
+
+
+def _tokenise(runtime: ConsumerRuntime, card: ModelCard, texts: list[str]) -> tuple[bytes, bytes]:
+    with telemetry.tokenize_span(card.name, len(texts)) as span:
+        id_lists = runtime.encoder(card).encode(texts)
         span.record_tokens(id_lists)
-    futures = resident.batcher.submit(id_lists, costs=[len(ids) for ids in id_lists],
-                                      context=telemetry.current_span_context())
-    pooled = [future.result() for future in futures]
-    impl = resident.impl
+    return ipc.encode_tokens(id_lists)
+
+
+def embed(runtime: ConsumerRuntime, request: EmbedRequest, context: Any) -> dict[str, Any]:
+    """Embed ``request.texts``: pooled on the device (L2-normalised there if asked), one vector per text."""
+    card = runtime.model(request.model, ModelKind.EMBED)
+    rows = _rows(runtime, card, {"normalize": request.normalize}, _tokenise(runtime, card, list(request.texts)),
+                 context)
+    result: dict[str, Any] = {"model": request.model, "device": card.device, "dim": int(rows.shape[1]),
+                              "encoding": request.encoding}
     if request.encoding == "base64":
-        return EmbedResult(model=request.model, device=impl.device, dim=impl.dim, encoding="base64",
-                           vectors_b64=finish_vectors_b64(pooled, request.normalize))
-    return EmbedResult(model=request.model, device=impl.device, dim=impl.dim,
-                       vectors=finish_vectors(pooled, request.normalize))
-
-
-def classify(resident: ResidentModel, request: ClassifyRequest, context=None) -> ClassifyResult:
-    """Batch the inputs with other jobs; return the ``top_k`` labels per input by softmax score."""
-    impl = resident.impl
-    if request.texts is not None and impl.input_kind == "texts":
-        items = impl.encode_each(list(request.texts))
-        costs = [len(ids) for ids in items]
-    elif request.inputs is not None and impl.input_kind == "features":
-        items = impl.check_features(request.inputs)
-        costs = None
+        result["vectors_b64"] = [base64.b64encode(row.tobytes()).decode("ascii") for row in rows]
     else:
-        from producer.contract import ErrorCode
-        from producer.errors import JobFailedError
+        result["vectors"] = Float32Rows(rows)
+    return result
 
+
+def classify(runtime: ConsumerRuntime, request: ClassifyRequest, context: Any) -> dict[str, Any]:
+    """The ``top_k`` labels per input by softmax score (texts for text models, ``inputs`` for feature models)."""
+    card = runtime.model(request.model, ModelKind.CLASSIFY)
+    if request.texts is not None and card.input_kind == "texts":
+        payloads = _tokenise(runtime, card, list(request.texts))
+        header: dict[str, Any] = {}
+    elif request.inputs is not None and card.input_kind == "features":
+        wrong = [i for i, vector in enumerate(request.inputs) if len(vector) != card.features]
+        if wrong:
+            raise JobFailedError(ErrorCode.INVALID_INPUT.value,
+                                 f"model {request.model!r} takes {card.features} features per input",
+                                 {"inputs_with_wrong_length": wrong[:20]})
+        shape, raw = ipc.encode_matrix(np.asarray(request.inputs, dtype=np.float32))
+        header, payloads = {"shape": shape}, (raw,)
+    else:
         raise JobFailedError(ErrorCode.INVALID_INPUT.value,
-                             f"model {request.model!r} classifies {impl.input_kind}, not "
+                             f"model {request.model!r} classifies {card.input_kind}, not "
                              f"{'texts' if request.texts is not None else 'inputs'}")
-    futures = resident.batcher.submit(items, costs=costs, context=telemetry.current_span_context())
-    predictions = []
-    for future in futures:
-        probabilities = future.result()
-        top = probabilities.topk(min(request.top_k, len(impl.labels)))
-        predictions.append([LabelScore(label=impl.labels[i], score=float(s))
-                            for s, i in zip(top.values.tolist(), top.indices.tolist())])
-    return ClassifyResult(model=request.model, device=impl.device, predictions=predictions)
+    probabilities = _rows(runtime, card, header, payloads, context)
+    top_k = min(request.top_k, len(card.labels))
+    order = np.argsort(-probabilities, axis=1, kind="stable")[:, :top_k]
+    predictions = [[{"label": card.labels[index], "score": float(row[index])} for index in picks]
+                   for row, picks in zip(probabilities, order)]
+    return {"model": request.model, "device": card.device, "predictions": predictions}
 
 
-def generate(resident: ResidentModel, request: GenerateRequest, context) -> GenerateResult:
-    """Generate with the KV cache; stream pieces to Redis if asked; stop early when cancelled."""
-    calls = 0
+def _follow(runtime: ConsumerRuntime, header: dict[str, Any], context: Any, on_event) -> dict[str, Any]:
+    """A long job on the device (generation, training): relay its events; pass a cancel on to the device."""
+    next_check = time.monotonic() + CANCEL_POLL_S
+    cancel_sent = False
 
-    def should_stop() -> bool:
-        nonlocal calls
-        calls += 1
-        return calls % CANCEL_CHECK_EVERY_TOKENS == 0 and context.cancelled()
+    def check_cancel() -> None:
+        nonlocal next_check, cancel_sent
+        if cancel_sent or time.monotonic() < next_check:
+            return
+        next_check = time.monotonic() + CANCEL_POLL_S
+        if context.cancelled():
+            runtime.client.send({"op": "cancel", "job": context.job_id})
+            cancel_sent = True
 
-    on_piece = context.publish_piece if request.stream else None
-    result = resident.impl.generate(request, on_piece=on_piece, should_stop=should_stop)
+    reply, _ = runtime.client.request({**header, "job": context.job_id, "trace": context.traceparent},
+                                      on_event=on_event, periodically=check_cancel)
+    _raise_for(reply)
+    return reply["result"]
+
+
+def generate(runtime: ConsumerRuntime, request: GenerateRequest, context: Any) -> dict[str, Any]:
+    """Generate on the device; stream pieces to the job's Redis stream if asked; stop early when cancelled."""
+    runtime.model(request.model, ModelKind.GENERATE)
+
+    def on_event(event: dict[str, Any]) -> None:
+        context.publish_piece(event["text"])
+
+    result = _follow(runtime, {"op": "generate", "request": request.model_dump(mode="json")}, context, on_event)
     if request.stream:
         context.publish_piece(None)
-    if result.finish_reason == "cancelled":
+    if result.get("finish_reason") == "cancelled":
         raise Cancelled()
     return result
+
+
+def train(runtime: ConsumerRuntime, request: TrainRequest, context: Any, on_progress) -> dict[str, Any]:
+    """Run a training job on the device; ``on_progress(progress_dict)`` at most about once a second."""
+    return _follow(runtime, {"op": "train", "request": request.model_dump(mode="json")}, context,
+                   lambda event: on_progress(event["progress"]))

@@ -1,76 +1,85 @@
-"""The per-process runtime: the device, the resident models and their batchers.
+"""The per-process state of a consumer: what the device process serves and how to reach it.
 
-Built once by ``fleet worker`` after the process starts and before it consumes; tasks
-reach it through ``current()``. Nothing is loaded at import time.
+Built once in each consumer process (workers/process/consumer_main.py) from the model cards
+the device process reported, before the process consumes; tasks reach it through
+``current()``. A consumer never imports torch: the models live in the device process, and
+here each model is its card (kind, labels, dimension, tokenizer file) plus a ``TextEncoder``
+for text models.
 """
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from producer.contract import ErrorCode, ModelKind
 from producer.errors import JobFailedError
-from workers.serving.batching import DynamicBatcher
-from workers.serving.models.report import LoadReport
-from workers.serving.registry import ModelSpec
+from workers.serving.device_client import DeviceClient
+from workers.serving.tokenization import TextEncoder
 from workers.settings import WorkerSettings
 
-log = logging.getLogger(__name__)
+
+@dataclass(frozen=True)
+class ModelCard:
+    """A model the device process serves, as the consumers see it (see ``device_server._Resident.card``)."""
+
+    name: str
+    kind: ModelKind
+    queue: str
+    #: ``texts`` (tokenised here), ``features`` (float vectors) or ``prompt`` (generation, tokenised there).
+    input_kind: str
+    labels: list[str]
+    dim: int | None
+    features: int | None
+    max_seq_len: int
+    tokenizer: str | None
+    device: str
+    dtype: str
+    load: dict[str, Any]
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "ModelCard":
+        return cls(**{**raw, "kind": ModelKind(raw["kind"])})
 
 
 @dataclass
-class ResidentModel:
-    """A loaded model, its registry entry, and the batcher that owns its device calls."""
-
-    spec: ModelSpec
-    impl: object
-    #: None for models that run one request at a time (generation).
-    batcher: DynamicBatcher | None
-    report: LoadReport
-
-
-@dataclass
-class WorkerRuntime:
-    """State of one worker process: the jobs executing now (``in_flight_ids``) and counters."""
+class ConsumerRuntime:
+    """State of one consumer process: the device's models, the hand-off, and the jobs in flight."""
 
     settings: WorkerSettings
     device: str
-    models: dict[str, ResidentModel]
+    cards: dict[str, ModelCard]
+    client: DeviceClient
     started_at: float = field(default_factory=time.time)
     in_flight_ids: set[str] = field(default_factory=set)
     jobs_done: int = 0
     last_job_at: float | None = None
+    _encoders: dict[str, TextEncoder] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    @classmethod
-    def load(cls, settings: WorkerSettings, device: str, specs: list[ModelSpec]) -> "WorkerRuntime":
-        """Load and warm up every model in ``specs`` on ``device``; any failure propagates."""
-        from workers.serving.models.loader import load_model
+    def __post_init__(self) -> None:
+        for card in self.cards.values():
+            if card.input_kind == "texts" and card.tokenizer:
+                self._encoders[card.name] = TextEncoder(card.tokenizer, card.max_seq_len)
 
-        models: dict[str, ResidentModel] = {}
-        for spec in specs:
-            impl, report = load_model(spec, device)
-            batcher = None
-            if hasattr(impl, "run_batch"):
-                batcher = DynamicBatcher(spec.name, impl.run_batch, max_batch_size=spec.max_batch_size,
-                                         max_wait_s=spec.max_wait_ms / 1000.0,
-                                         on_out_of_memory=_release_cuda_cache if device.startswith("cuda") else None)
-            models[spec.name] = ResidentModel(spec, impl, batcher, report)
-        return cls(settings=settings, device=device, models=models)
-
-    def model(self, name: str, kind: ModelKind) -> ResidentModel:
-        """Return the resident model ``name`` or fail the job with ``unknown_model`` / ``wrong_model_kind``."""
-        resident = self.models.get(name)
-        if resident is None:
+    def model(self, name: str, kind: ModelKind) -> ModelCard:
+        """The card of model ``name`` or fail the job with ``unknown_model`` / ``wrong_model_kind``."""
+        card = self.cards.get(name)
+        if card is None:
             raise JobFailedError(ErrorCode.UNKNOWN_MODEL.value, f"this worker does not serve model {name!r}",
-                                 {"served": sorted(self.models)})
-        if resident.spec.kind is not kind:
+                                 {"served": sorted(self.cards)})
+        if card.kind is not kind:
             raise JobFailedError(ErrorCode.WRONG_MODEL_KIND.value,
-                                 f"model {name!r} serves {resident.spec.kind.value!r} jobs, not {kind.value!r}")
-        return resident
+                                 f"model {name!r} serves {card.kind.value!r} jobs, not {kind.value!r}")
+        return card
+
+    def encoder(self, card: ModelCard) -> TextEncoder:
+        encoder = self._encoders.get(card.name)
+        if encoder is None:
+            raise JobFailedError(ErrorCode.INVALID_INPUT.value, f"model {card.name!r} takes no texts")
+        return encoder
 
     @property
     def in_flight(self) -> int:
@@ -86,28 +95,17 @@ class WorkerRuntime:
             self.jobs_done += 1
             self.last_job_at = time.time()
 
-    def close(self) -> None:
-        for resident in self.models.values():
-            if resident.batcher is not None:
-                resident.batcher.close()
+
+_current: ConsumerRuntime | None = None
 
 
-def _release_cuda_cache() -> None:
-    import torch
-
-    torch.cuda.empty_cache()
-
-
-_current: WorkerRuntime | None = None
-
-
-def install(runtime: WorkerRuntime) -> None:
+def install(runtime: ConsumerRuntime) -> None:
     """Make ``runtime`` the one that tasks in this process use."""
     global _current
     _current = runtime
 
 
-def current() -> WorkerRuntime:
+def current() -> ConsumerRuntime:
     """The installed runtime; a task running without one is a deployment error."""
     if _current is None:
         raise JobFailedError(ErrorCode.INTERNAL.value, "worker runtime not initialised (start workers with `fleet worker`)")

@@ -1,0 +1,62 @@
+"""JSON on the wire, written and read with orjson: kombu's ``json`` serializer, faster.
+
+``install()`` registers orjson with kombu under the name ``json`` and the same content type,
+``application/json`` (utf-8), so task messages, results and events are the same JSON any
+Celery client reads; only the speed differs. Float results are most of the bytes of an
+embedding job: orjson formats a float32 vector (a NumPy array, passed as is by the
+worker) with the shortest decimals that give back exactly that float32 value, with no
+Python float object per number.
+
+Where orjson cannot represent something, kombu's own JSON code takes over, so nothing that
+kombu's serializer accepted is refused: objects orjson does not know go through kombu's type
+registry (``{"__type__": ..., "__value__": ...}``), integers beyond 64 bits are written by
+kombu, and a document holding ``"__type__"`` markers, or that orjson refuses to read (NaN
+literals, integers beyond 64 bits), is read by kombu. Registration is process-wide (kombu's
+serializer registry is global); it is idempotent.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from kombu import serialization
+from kombu.utils import json as kombu_json
+
+_OPTIONS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
+_TYPE_MARKER = b'"__type__"'
+
+
+def _default(value: Any) -> Any:
+    """The JSON form of a type orjson does not know: the value's own ``__json__()`` if it has one
+    (workers wrap float32 arrays so), else kombu's encoding (datetime subclasses, Decimal, ...)."""
+    as_json = getattr(value, "__json__", None)
+    if as_json is not None:
+        return as_json()
+    return kombu_json.JSONEncoder().default(value)
+
+
+def dumps(value: Any) -> bytes:
+    """``value`` as UTF-8 JSON bytes."""
+    try:
+        return orjson.dumps(value, default=_default, option=_OPTIONS)
+    except orjson.JSONEncodeError:  # e.g. an integer beyond 64 bits
+        return kombu_json.dumps(value).encode()
+
+
+def loads(data: bytes | bytearray | memoryview | str) -> Any:
+    """Inverse of ``dumps``; accepts whatever kombu's JSON reader accepts."""
+    if isinstance(data, (memoryview, bytearray)):
+        data = bytes(data)
+    marker = _TYPE_MARKER if isinstance(data, bytes) else _TYPE_MARKER.decode()
+    if marker in data:
+        return kombu_json.loads(data)
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return kombu_json.loads(data)
+
+
+def install() -> None:
+    """Make kombu's ``json`` serializer (and so Celery's) use ``dumps``/``loads`` in this process."""
+    serialization.register("json", dumps, loads, content_type="application/json", content_encoding="utf-8")

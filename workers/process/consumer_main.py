@@ -1,0 +1,158 @@
+"""A consumer process of a worker group: a Celery worker (threads pool) that never imports torch.
+
+Spawned by the group's launcher (workers/process/worker_group.py). It imports Celery and
+its own code while the device process loads the models, then waits for the model cards,
+builds its runtime (tokenisers, the hand-off to the device) and consumes the group's queues.
+Its jobs' compute happens in the device process; here they are received, validated,
+tokenised, handed over, and answered (results stored, messages acknowledged).
+
+On SIGTERM (the launcher forwards it on shutdown) Celery stops consuming; jobs in flight
+get ``FLEET_DRAIN_GRACE_S`` to finish, then the rest are handed back to their queues.
+Every second the Celery event loop ticks the group's status board (liveness) with the
+jobs in flight and done.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from workers.process.status_board import State, StatusBoard
+
+log = logging.getLogger("fleet.consumer")
+
+#: How often the consumer's event loop ticks the status board (s).
+TICK_S = 1.0
+
+
+@dataclass(frozen=True)
+class ConsumerConfig:
+    """What a consumer process needs, passed through ``spawn`` (picklable)."""
+
+    worker_name: str
+    node_name: str
+    index: int
+    queues: list[str]
+    concurrency: int
+    address: str
+    board_path: str
+    run_sweeper: bool
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+def start_drain_watchdog(worker, runtime, grace_s: float, on_exit) -> None:
+    """After SIGTERM, give in-flight jobs ``grace_s`` seconds; then hand the rest back and exit.
+
+    Celery's warm shutdown has stopped consuming and waits for running tasks without limit.
+    If they outlast the grace period, their unacknowledged messages are restored to their
+    queues (kombu's ``restore_unacked_once``) for another worker, ``on_exit()`` runs, and the
+    process exits 0. A hand-back is not an attempt (workers/queue/job_context.py).
+    """
+
+    def watch() -> None:
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline:
+            if runtime.in_flight == 0:
+                return
+            time.sleep(0.1)
+        if runtime.in_flight == 0:
+            return
+        log.warning("drain grace of %.1f s over with %d job(s) in flight: handing them back", grace_s,
+                    runtime.in_flight)
+        channel = worker.consumer.task_consumer.channel
+        try:
+            # Close the consumer's connections first: a BRPOP still blocked on one of them would
+            # otherwise take a restored message straight back into this exiting process.
+            channel.async_pool.disconnect()
+            channel.qos.restore_unacked_once()
+        finally:
+            on_exit()
+            logging.shutdown()
+            os._exit(0)
+
+    threading.Thread(target=watch, name="drain-watchdog", daemon=True).start()
+
+
+def consumer_main(config: ConsumerConfig, cards_pipe: Any) -> None:
+    """Entry point of a spawned consumer process; ``cards_pipe`` delivers the device's model cards."""
+    from celery import bootsteps, signals
+
+    from workers.observability.logs import configure_logging
+    from workers.settings import WorkerSettings
+
+    settings = WorkerSettings(**config.settings)
+    configure_logging(settings.log_level)
+    board = StatusBoard.attach(config.board_path)
+    board.set_consumer(config.index, State.STARTING, os.getpid())
+
+    from workers.queue.app import app  # Celery, kombu and the tasks: imported while the device loads
+    from workers.serving import runtime as runtime_module
+    from workers.serving.device_client import DeviceClient
+    from workers.serving.runtime import ConsumerRuntime, ModelCard
+
+    message = cards_pipe.recv()  # blocks until the device process is ready
+    if message is None:
+        log.info("consumer %d: the group is stopping before it started", config.index)
+        board.set_consumer(config.index, State.STOPPED)
+        return
+    runtime = ConsumerRuntime(settings=settings, device=message["device"],
+                              cards={card["name"]: ModelCard.from_dict(card) for card in message["cards"]},
+                              client=DeviceClient(config.address, board))
+    runtime_module.install(runtime)
+
+    from workers.observability import telemetry
+
+    consumer_telemetry = telemetry.setup_worker(runtime.device, device_name=message.get("identity", {}).get("name"))
+    sweeper = None
+    if config.run_sweeper and settings.sweep_interval_s:
+        from workers.queue.delivery_sweeper import DeliverySweeper, resend_from_record
+        from producer.redis_connection import redis_client
+
+        sweeper = DeliverySweeper(redis_client(settings), lambda job_id, record: resend_from_record(app, job_id, record),
+                                  owner=config.worker_name, interval_s=settings.sweep_interval_s,
+                                  grace_s=settings.sweep_grace_s).start()
+
+    def tick() -> None:
+        board.consumer_tick(config.index, runtime.in_flight, runtime.jobs_done)
+
+    class BoardTicks(bootsteps.StartStopStep):
+        """Ticks the status board from the consumer's event loop: no tick means a stuck loop."""
+
+        requires = ("celery.worker.consumer.tasks:Tasks",)
+
+        def start(self, consumer: Any) -> None:
+            consumer.timer.call_repeatedly(TICK_S, tick)
+
+    app.steps["consumer"].add(BoardTicks)
+
+    def stop_services() -> None:
+        if sweeper is not None:
+            sweeper.stop()
+        consumer_telemetry.shutdown()  # flush spans and metrics before a hard exit
+        runtime.client.close()
+
+    def on_ready(**_: object) -> None:
+        board.set_consumer(config.index, State.READY)
+        tick()
+        log.info("consumer %s ready: consuming %s", config.node_name, ", ".join(config.queues))
+
+    def on_shutdown(**_: object) -> None:
+        board.set_consumer(config.index, State.DRAINING)
+        log.info("consumer %s draining: %d job(s) in flight, grace %.1f s", config.node_name, runtime.in_flight,
+                 settings.drain_grace_s)
+        start_drain_watchdog(worker, runtime, settings.drain_grace_s, on_exit=stop_services)
+
+    signals.worker_ready.connect(on_ready, weak=False)
+    signals.worker_shutting_down.connect(on_shutdown, weak=False)
+    worker = app.Worker(hostname=config.node_name, pool="threads", concurrency=config.concurrency,
+                        queues=config.queues, loglevel=settings.log_level.upper(), without_mingle=True,
+                        without_gossip=True, optimization="fair")
+    try:
+        worker.start()
+    finally:
+        stop_services()
+        board.set_consumer(config.index, State.STOPPED)

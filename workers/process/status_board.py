@@ -1,0 +1,182 @@
+"""The status board of one worker group: a small memory-mapped file its processes share.
+
+A worker group (``fleet worker``) is a launcher, one device process and N consumer
+processes (workers/process/worker_group.py). Each writes its own slots here and the
+launcher reads them all, without a Redis command or a message:
+
+* the device process: its pid and state, a tick every loop turn (liveness), and for each of
+  its batchers the job ids of the batch it is computing right now and since when (monotonic
+  seconds). After a crash the launcher reads which jobs were in compute: only those can have
+  caused it (docs/RELIABILITY.md, "Attempts");
+* each consumer: its pid and state, a tick from its Celery event loop, jobs in flight and done.
+
+Times are ``time.monotonic()`` seconds (CLOCK_MONOTONIC, one clock for every process of a
+host). Slots are written by one process each; a reader may see a slot mid-update, which is
+harmless for the counters and ticks, and the computing ids are only read once their writer
+is dead. Nothing here imports torch or Celery.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+import time
+from dataclasses import dataclass
+from enum import IntEnum
+from pathlib import Path
+
+#: Batchers (models) per device whose computing batch is recorded.
+COMPUTING_SLOTS = 8
+#: Bytes per computing slot: a JSON list of job ids (256 UUIDs fit).
+COMPUTING_BYTES = 12_288
+#: Consumer processes per group at most.
+MAX_CONSUMERS = 64
+
+_MAGIC = b"FLEETSB1"
+# device: pid, state, tick, batches done; then per computing slot: started_at, length, bytes.
+_DEVICE = struct.Struct("<qqdq")
+_SLOT_HEAD = struct.Struct("<dq")
+# consumer: pid, state, tick, in_flight, jobs_done
+_CONSUMER = struct.Struct("<qqdqq")
+_HEADER = struct.Struct("<8sq")  # magic, consumers
+
+_DEVICE_AT = _HEADER.size
+_SLOTS_AT = _DEVICE_AT + _DEVICE.size
+_SLOT_SIZE = _SLOT_HEAD.size + COMPUTING_BYTES
+_CONSUMERS_AT = _SLOTS_AT + COMPUTING_SLOTS * _SLOT_SIZE
+
+
+class State(IntEnum):
+    """Where a process of the group is in its life."""
+
+    STARTING = 0
+    READY = 1
+    DRAINING = 2
+    STOPPED = 3
+    FAILED = 4
+
+
+@dataclass(frozen=True)
+class DeviceStatus:
+    pid: int
+    state: State
+    tick: float
+    batches: int
+    #: Per batcher slot in use: (job ids being computed, monotonic start time).
+    computing: list[tuple[list[str], float]]
+
+
+@dataclass(frozen=True)
+class ConsumerStatus:
+    index: int
+    pid: int
+    state: State
+    tick: float
+    in_flight: int
+    jobs_done: int
+
+
+class StatusBoard:
+    """A view of the board file; ``create`` makes one, ``attach`` opens an existing one."""
+
+    def __init__(self, path: Path, memory: mmap.mmap, consumers: int):
+        self.path = path
+        self._memory = memory
+        self.consumers = consumers
+
+    @classmethod
+    def create(cls, path: Path, consumers: int) -> "StatusBoard":
+        """Make a zeroed board for ``consumers`` consumer processes at ``path``."""
+        if not 1 <= consumers <= MAX_CONSUMERS:
+            raise ValueError(f"consumers must be 1..{MAX_CONSUMERS}, got {consumers}")
+        with open(path, "wb") as handle:
+            handle.truncate(_CONSUMERS_AT + consumers * _CONSUMER.size)
+        memory = _map(Path(path))
+        _HEADER.pack_into(memory, 0, _MAGIC, consumers)
+        return cls(Path(path), memory, consumers)
+
+    @classmethod
+    def attach(cls, path: Path) -> "StatusBoard":
+        """Open the board another process of the group created."""
+        memory = _map(Path(path))
+        magic, consumers = _HEADER.unpack_from(memory, 0)
+        if magic != _MAGIC:
+            raise ValueError(f"{path} is not a Fleet status board")
+        return cls(Path(path), memory, consumers)
+
+    def close(self) -> None:
+        self._memory.close()
+
+    # --- device process --------------------------------------------------------------------
+
+    def set_device(self, state: State, pid: int | None = None) -> None:
+        old_pid, _, tick, batches = _DEVICE.unpack_from(self._memory, _DEVICE_AT)
+        _DEVICE.pack_into(self._memory, _DEVICE_AT, pid if pid is not None else old_pid, int(state),
+                          time.monotonic(), batches)
+
+    def device_tick(self) -> None:
+        pid, state, _, batches = _DEVICE.unpack_from(self._memory, _DEVICE_AT)
+        _DEVICE.pack_into(self._memory, _DEVICE_AT, pid, state, time.monotonic(), batches)
+
+    def batch_started(self, slot: int, job_ids: list[str]) -> None:
+        """Record that batcher ``slot`` now computes a batch of these jobs."""
+        raw = json.dumps(job_ids, separators=(",", ":")).encode()
+        if len(raw) > COMPUTING_BYTES:  # keep what fits; a crash then charges no one from this batch
+            raw = b"[]"
+        at = _SLOTS_AT + slot * _SLOT_SIZE
+        self._memory[at + _SLOT_HEAD.size:at + _SLOT_HEAD.size + len(raw)] = raw
+        _SLOT_HEAD.pack_into(self._memory, at, time.monotonic(), len(raw))
+
+    def batch_finished(self, slot: int) -> None:
+        _SLOT_HEAD.pack_into(self._memory, _SLOTS_AT + slot * _SLOT_SIZE, 0.0, 0)
+        pid, state, tick, batches = _DEVICE.unpack_from(self._memory, _DEVICE_AT)
+        _DEVICE.pack_into(self._memory, _DEVICE_AT, pid, state, time.monotonic(), batches + 1)
+
+    def device(self) -> DeviceStatus:
+        pid, state, tick, batches = _DEVICE.unpack_from(self._memory, _DEVICE_AT)
+        computing = []
+        for slot in range(COMPUTING_SLOTS):
+            at = _SLOTS_AT + slot * _SLOT_SIZE
+            started, length = _SLOT_HEAD.unpack_from(self._memory, at)
+            if length:
+                raw = bytes(self._memory[at + _SLOT_HEAD.size:at + _SLOT_HEAD.size + length])
+                try:
+                    computing.append((list(json.loads(raw)), started))
+                except ValueError:  # caught mid-write; only a live device can be caught so
+                    continue
+        return DeviceStatus(pid, State(state), tick, batches, computing)
+
+    # --- consumers ---------------------------------------------------------------------------
+
+    def _consumer_at(self, index: int) -> int:
+        if not 0 <= index < self.consumers:
+            raise IndexError(f"consumer {index} of {self.consumers}")
+        return _CONSUMERS_AT + index * _CONSUMER.size
+
+    def set_consumer(self, index: int, state: State, pid: int | None = None) -> None:
+        at = self._consumer_at(index)
+        old_pid, _, _, in_flight, done = _CONSUMER.unpack_from(self._memory, at)
+        _CONSUMER.pack_into(self._memory, at, pid if pid is not None else old_pid, int(state), time.monotonic(),
+                            in_flight, done)
+
+    def consumer_tick(self, index: int, in_flight: int, jobs_done: int) -> None:
+        at = self._consumer_at(index)
+        pid, state, _, _, _ = _CONSUMER.unpack_from(self._memory, at)
+        _CONSUMER.pack_into(self._memory, at, pid, state, time.monotonic(), in_flight, jobs_done)
+
+    def consumer(self, index: int) -> ConsumerStatus:
+        pid, state, tick, in_flight, done = _CONSUMER.unpack_from(self._memory, self._consumer_at(index))
+        return ConsumerStatus(index, pid, State(state), tick, in_flight, done)
+
+    def all_consumers(self) -> list[ConsumerStatus]:
+        return [self.consumer(index) for index in range(self.consumers)]
+
+
+def _map(path: Path) -> mmap.mmap:
+    fd = os.open(path, os.O_RDWR)
+    try:
+        return mmap.mmap(fd, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)

@@ -1,0 +1,481 @@
+"""The device process: the one process of a worker group that imports torch and touches the device.
+
+Started by the group's launcher with multiprocessing's ``spawn`` (never forked from a
+process that touched CUDA), it loads the group's models, warms them up (CUDA graphs
+included), reports them to the launcher, then serves the consumer processes over ZeroMQ
+(workers/serving/ipc.py) until it is told to stop:
+
+* ``infer`` requests of every consumer go to the model's one ``DynamicBatcher``, so a device
+  batch gathers jobs from all consumers; each job's rows go back as one float32 frame;
+* ``generate`` and ``train`` requests run on threads of their own and stream their pieces or
+  progress back before the final result;
+* while a batch computes, the status board holds the ids of its jobs, so that if the process
+  dies the launcher knows which jobs were in compute (docs/RELIABILITY.md, "Attempts").
+
+Threads: the main thread owns the ROUTER socket (receives requests, sends every reply);
+batcher threads and job threads hand replies to it through one inproc PUSH socket each.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import numpy as np
+import zmq
+
+from producer.contract import ErrorCode, ModelKind
+from workers.process.status_board import COMPUTING_SLOTS, State, StatusBoard
+from workers.serving import ipc
+from workers.serving.batching import BatcherClosed, DynamicBatcher, is_out_of_memory
+from workers.serving.registry import ModelSpec, RegistryError, resolve_source
+from workers.settings import WorkerSettings
+
+log = logging.getLogger("fleet.device")
+
+#: Address of the inproc socket on which threads hand replies to the main thread.
+_REPLIES = "inproc://fleet-device-replies"
+#: The main loop wakes at least this often (s) to tick the status board and look for a stop.
+_TICK_S = 0.5
+#: Status-board slot of the training job in compute (models take the slots from 0).
+TRAINING_SLOT = COMPUTING_SLOTS - 1
+#: Most requests taken off the ROUTER socket per loop turn before replies are forwarded.
+_BURST = 256
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    """Everything the device process needs, passed through ``spawn`` (picklable)."""
+
+    worker_name: str
+    device: str
+    specs: list[dict[str, Any]]
+    address: str
+    board_path: str
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Work:
+    """One input of one job inside a device batch: the model's input and the job it belongs to."""
+
+    data: Any
+    job: str
+
+
+class _InFlight:
+    """Jobs a status-board slot is computing outside a batcher (generation, training), kept on the board."""
+
+    def __init__(self, board: StatusBoard, slot: int):
+        self._board, self._slot = board, slot
+        self._jobs: set[str] = set()
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def computing(self, job: str) -> Iterator[None]:
+        with self._lock:
+            self._jobs.add(job)
+            self._board.batch_started(self._slot, sorted(self._jobs))
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._jobs.discard(job)
+                if self._jobs:
+                    self._board.batch_started(self._slot, sorted(self._jobs))
+                else:
+                    self._board.batch_finished(self._slot)
+
+
+class _Resident:
+    """A loaded model, its batcher (None for generators) and its status-board slot."""
+
+    def __init__(self, spec: ModelSpec, impl: Any, report: Any, slot: int, board: StatusBoard, device: str):
+        self.spec, self.impl, self.report, self.slot = spec, impl, report, slot
+        self.batcher: DynamicBatcher | None = None
+        if hasattr(impl, "run_batch"):
+            self.batcher = DynamicBatcher(spec.name, self._run_batch, max_batch_size=spec.max_batch_size,
+                                          max_wait_s=spec.max_wait_ms / 1000.0,
+                                          on_out_of_memory=_release_cuda_cache if device.startswith("cuda") else None)
+        self._board = board
+        self.computing = _InFlight(board, slot).computing
+
+    def _run_batch(self, works: list[_Work], info: Any) -> list[Any]:
+        self._board.batch_started(self.slot, sorted({work.job for work in works}))
+        try:
+            return self.impl.run_batch([work.data for work in works], info)
+        finally:
+            self._board.batch_finished(self.slot)
+
+    def card(self) -> dict[str, Any]:
+        """What a consumer needs to know of this model to validate, tokenise and answer its jobs."""
+        impl, spec = self.impl, self.spec
+        return {"name": spec.name, "kind": spec.kind.value, "queue": spec.queue,
+                "input_kind": getattr(impl, "input_kind", "texts" if spec.kind is ModelKind.EMBED else "prompt"),
+                "labels": list(getattr(impl, "labels", []) or []), "dim": getattr(impl, "dim", None),
+                "features": getattr(impl, "features", None),
+                "max_seq_len": int(getattr(impl, "max_seq_len", spec.max_seq_len)), "tokenizer": _tokenizer_file(spec),
+                "device": impl.device, "dtype": str(impl.dtype).removeprefix("torch."),
+                "load": {"load_s": self.report.load_s, "warmup_s": self.report.warmup_s,
+                         "rss_bytes": self.report.rss_bytes, "parameters": self.report.parameters,
+                         "cuda_allocated_bytes": self.report.cuda_allocated_bytes,
+                         "cuda_reserved_bytes": self.report.cuda_reserved_bytes}}
+
+    def close(self) -> None:
+        if self.batcher is not None:
+            self.batcher.close()
+
+
+def _tokenizer_file(spec: ModelSpec) -> str | None:
+    """The model directory's ``tokenizer.json`` (consumers tokenise with it), or None."""
+    try:
+        location, revision = resolve_source(spec)
+    except RegistryError:  # e.g. a Fleet-trained feature classifier: no transformers config, no tokenizer
+        return None
+    path = os.path.join(location, "tokenizer.json")
+    return path if revision is None and os.path.isfile(path) else None
+
+
+def _release_cuda_cache() -> None:
+    import torch
+
+    torch.cuda.empty_cache()
+
+
+class _Replies:
+    """Thread-local PUSH sockets: any thread hands a reply (identity first) to the main thread."""
+
+    def __init__(self, context: zmq.Context):
+        self._context = context
+        self._local = threading.local()
+
+    def send(self, frames: list[bytes]) -> None:
+        sock = getattr(self._local, "socket", None)
+        if sock is None:
+            sock = self._context.socket(zmq.PUSH)
+            sock.setsockopt(zmq.LINGER, 1000)
+            sock.connect(_REPLIES)
+            self._local.socket = sock
+        sock.send_multipart(frames, copy=False)
+
+
+class DeviceServer:
+    """Serves the consumers of one group from the models in ``residents``."""
+
+    def __init__(self, residents: dict[str, _Resident], address: str, board: StatusBoard,
+                 settings: WorkerSettings, device: str):
+        self.residents = residents
+        self.board = board
+        self.settings = settings
+        self.device = device
+        self._context = zmq.Context.instance()
+        self._router = self._context.socket(zmq.ROUTER)
+        self._router.setsockopt(zmq.LINGER, 0)
+        self._router.bind(address)
+        self._pull = self._context.socket(zmq.PULL)
+        self._pull.bind(_REPLIES)
+        self._replies = _Replies(self._context)
+        self._jobs = ThreadPoolExecutor(max_workers=64, thread_name_prefix="device-job")
+        self._cancelled: dict[str, float] = {}
+        self._cancel_lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._training = _InFlight(board, TRAINING_SLOT)
+
+    # --- the loop -----------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    def serve(self) -> None:
+        """Serve until ``stop()``; then stop the batchers (queued items fail as closing)."""
+        poller = zmq.Poller()
+        poller.register(self._router, zmq.POLLIN)
+        poller.register(self._pull, zmq.POLLIN)
+        try:
+            while not self._stopping.is_set():
+                ready = dict(poller.poll(int(_TICK_S * 1000)))
+                self.board.device_tick()
+                if self._pull in ready:
+                    self._forward_replies()
+                if self._router in ready:
+                    for _ in range(_BURST):
+                        try:
+                            frames = self._router.recv_multipart(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        self._handle(frames[0], frames[1:])
+                    self._forward_replies()
+        finally:
+            for resident in self.residents.values():
+                resident.close()
+            self._forward_replies()
+            self._jobs.shutdown(wait=False, cancel_futures=True)
+
+    def _forward_replies(self) -> None:
+        while True:
+            try:
+                self._router.send_multipart(self._pull.recv_multipart(zmq.NOBLOCK), copy=False)
+            except zmq.Again:
+                return
+
+    def _reply(self, identity: bytes, frames: list[bytes]) -> None:
+        """Send from the main thread (it owns the ROUTER socket)."""
+        self._router.send_multipart([identity, *frames], copy=False)
+
+    def stats(self) -> dict[str, Any]:
+        """Batcher statistics per model (with the CUDA-graph report where there is one) and memory."""
+        from workers.serving.models.base import memory_snapshot
+
+        batching = {}
+        for name, resident in self.residents.items():
+            if resident.batcher is None:
+                continue
+            entry = resident.batcher.stats_snapshot()
+            report = getattr(resident.impl, "graph_report", None)
+            if report is not None:
+                entry["graphs"] = {key: value for key, value in vars(report).items() if key != "shapes"}
+            batching[name] = entry
+        return {"batching": batching, "memory": memory_snapshot(self.device)}
+
+    # --- requests -------------------------------------------------------------------------
+
+    def _handle(self, identity: bytes, frames: list[bytes]) -> None:
+        try:
+            header, payloads = ipc.unpack(frames)
+        except ValueError as exc:
+            log.error("dropped an undecodable request: %s", exc)
+            return
+        op, rid = header.get("op"), header.get("rid")
+        try:
+            if op == "infer":
+                self._infer(identity, header, payloads)
+            elif op == "generate":
+                self._jobs.submit(self._generate, identity, header)
+            elif op == "train":
+                self._jobs.submit(self._train, identity, header)
+            elif op == "cancel":
+                self._cancel(str(header.get("job")))
+            elif op == "stats":
+                self._reply(identity, ipc.pack({"rid": rid, "ok": True, **self.stats()}))
+            elif op == "ping":
+                self._reply(identity, ipc.pack({"rid": rid, "ok": True, "models": sorted(self.residents)}))
+            else:
+                self._reply(identity, ipc.error_reply(rid, ErrorCode.INTERNAL.value, f"unknown op {op!r}"))
+        except _RequestError as exc:
+            self._reply(identity, ipc.error_reply(rid, exc.code, str(exc), exc.details))
+        except Exception as exc:  # noqa: BLE001 - one bad request must not stop the device process
+            log.exception("request %r failed", op)
+            self._reply(identity, ipc.error_reply(rid, ErrorCode.INTERNAL.value, f"{type(exc).__name__}: {exc}"))
+
+    def _resident(self, name: Any, kind: ModelKind | None = None) -> _Resident:
+        resident = self.residents.get(name)
+        if resident is None:
+            raise _RequestError(ErrorCode.UNKNOWN_MODEL.value, f"this worker does not serve model {name!r}",
+                                {"served": sorted(self.residents)})
+        if kind is not None and resident.spec.kind is not kind:
+            raise _RequestError(ErrorCode.WRONG_MODEL_KIND.value,
+                                f"model {name!r} serves {resident.spec.kind.value!r} jobs, not {kind.value!r}")
+        return resident
+
+    def _infer(self, identity: bytes, header: dict[str, Any], payloads: list[bytes]) -> None:
+        resident = self._resident(header.get("model"))
+        if resident.batcher is None:
+            raise _RequestError(ErrorCode.WRONG_MODEL_KIND.value, f"model {resident.spec.name!r} takes no infer jobs")
+        job = str(header.get("job", ""))
+        if "shape" in header:  # feature vectors
+            items: list[Any] = [row.tolist() for row in ipc.decode_matrix(header["shape"], payloads[0])]
+            costs = None
+        else:
+            id_arrays = ipc.decode_tokens(payloads[0], payloads[1])
+            items = [ids.tolist() for ids in id_arrays]
+            costs = [len(ids) for ids in items]
+        if not items:
+            raise _RequestError(ErrorCode.INVALID_INPUT.value, "no inputs")
+        futures = resident.batcher.submit([_Work(item, job) for item in items], costs=costs,
+                                          context=_span_context(header.get("trace")),
+                                          isolated=bool(header.get("isolate")))
+        _JobReply(self._replies, identity, header.get("rid"), futures, bool(header.get("normalize")),
+                  resident.spec.kind is ModelKind.EMBED)
+
+    def _cancel(self, job: str) -> None:
+        now = time.monotonic()
+        with self._cancel_lock:
+            self._cancelled[job] = now
+            for stale in [j for j, at in self._cancelled.items() if now - at > 3600]:
+                del self._cancelled[stale]
+
+    def _is_cancelled(self, job: str) -> bool:
+        with self._cancel_lock:
+            return job in self._cancelled
+
+    def _generate(self, identity: bytes, header: dict[str, Any]) -> None:
+        from producer.contract import GenerateRequest
+
+        rid, job = header.get("rid"), str(header.get("job", ""))
+        try:
+            request = GenerateRequest.model_validate(header["request"])
+            resident = self._resident(request.model, ModelKind.GENERATE)
+
+            def on_piece(text: str) -> None:
+                self._replies.send([identity, *ipc.pack({"rid": rid, "event": "piece", "text": text})])
+
+            with resident.computing(job):
+                result = resident.impl.generate(request, on_piece=on_piece if request.stream else None,
+                                                should_stop=lambda: self._is_cancelled(job))
+            reply = ipc.pack({"rid": rid, "ok": True, "result": result.model_dump(mode="json")})
+        except _RequestError as exc:
+            reply = ipc.error_reply(rid, exc.code, str(exc), exc.details)
+        except Exception as exc:  # noqa: BLE001 - a failed generation fails its job only
+            reply = _failure(rid, exc, job)
+        self._replies.send([identity, *reply])
+
+    def _train(self, identity: bytes, header: dict[str, Any]) -> None:
+        from producer.contract import TrainRequest
+        from workers.training.artifacts import LocalDirectoryStore
+        from workers.training.errors import TrainingConfigError
+        from workers.training.loop import run_training
+
+        rid, job = header.get("rid"), str(header.get("job", ""))
+        try:
+            request = TrainRequest.model_validate(header["request"])
+
+            def report(progress: Any) -> None:
+                self._replies.send([identity, *ipc.pack({"rid": rid, "event": "progress",
+                                                         "progress": progress.model_dump(mode="json")})])
+
+            with self._training.computing(job):
+                result = run_training(request, self.device, LocalDirectoryStore(self.settings.artifact_dir),
+                                      job_id=job, on_progress=report, should_stop=lambda: self._is_cancelled(job),
+                                      progress_interval_s=float(header.get("progress_interval_s", 1.0)))
+            reply = ipc.pack({"rid": rid, "ok": True, "result": result.model_dump(mode="json")})
+        except TrainingConfigError as exc:
+            reply = ipc.error_reply(rid, ErrorCode.INVALID_INPUT.value, str(exc))
+        except Exception as exc:  # noqa: BLE001 - a failed training job fails that job only
+            reply = _failure(rid, exc, job)
+        self._replies.send([identity, *reply])
+
+
+class _RequestError(Exception):
+    """A request refused before it reached a model (unknown model, wrong kind, no inputs)."""
+
+    def __init__(self, code: str, message: str, details: dict[str, Any] | None = None):
+        super().__init__(message)
+        self.code, self.details = code, details or {}
+
+
+def _failure(rid: Any, exc: BaseException, job: str) -> list[bytes]:
+    """The failure reply for an exception raised while computing a job."""
+    if isinstance(exc, BatcherClosed):
+        return ipc.error_reply(rid, "unavailable", "the device process is stopping")
+    log.error("job %s failed on the device: %s: %s", job, type(exc).__name__, exc)
+    code = ErrorCode.OUT_OF_MEMORY if is_out_of_memory(exc) else ErrorCode.MODEL_ERROR
+    return ipc.error_reply(rid, code.value, f"{type(exc).__name__}: {exc}")
+
+
+class _JobReply:
+    """Collects the outputs of one infer job's items (in order) and replies once all are done."""
+
+    def __init__(self, replies: _Replies, identity: bytes, rid: Any, futures: list[Future], normalize: bool,
+                 embed: bool):
+        self._replies, self._identity, self._rid = replies, identity, rid
+        self._futures, self._normalize, self._embed = futures, normalize, embed
+        self._left = len(futures)
+        self._lock = threading.Lock()
+        for future in futures:
+            future.add_done_callback(self._one_done)
+
+    def _one_done(self, _future: Future) -> None:
+        with self._lock:
+            self._left -= 1
+            if self._left:
+                return
+        failed = next((f.exception() for f in self._futures if f.exception() is not None), None)
+        if failed is not None:
+            frames = _failure(self._rid, failed, "")
+        else:
+            frames = self._rows()
+        self._replies.send([self._identity, *frames])
+
+    def _rows(self) -> list[bytes]:
+        import torch
+
+        rows = torch.stack([future.result() for future in self._futures]).to(torch.float32)
+        if self._embed and self._normalize:
+            rows = torch.nn.functional.normalize(rows, p=2, dim=1)
+        shape, raw = ipc.encode_matrix(np.asarray(rows.cpu().numpy()))
+        return ipc.pack({"rid": self._rid, "ok": True, "shape": shape}, raw)
+
+
+def _span_context(traceparent: Any) -> Any:
+    """The W3C trace context of the job that sent an item (for batch-span links), or None."""
+    if not traceparent:
+        return None
+    from opentelemetry import trace
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    context = trace.get_current_span(TraceContextTextMapPropagator().extract({"traceparent": traceparent}))
+    span_context = context.get_span_context()
+    return span_context if span_context.is_valid else None
+
+
+def device_main(config: DeviceConfig, ready: Any) -> None:
+    """Entry point of the spawned device process. ``ready`` is a multiprocessing Connection:
+    it gets ``{"ok": True, "device", "identity", "cards"}`` once the models are loaded, or
+    ``{"ok": False, "error"}`` (and the process exits with code 3) if loading failed."""
+    from workers.observability.logs import configure_logging
+
+    settings = WorkerSettings(**config.settings)
+    configure_logging(settings.log_level)
+    board = StatusBoard.attach(config.board_path)
+    board.set_device(State.STARTING, os.getpid())
+    server: DeviceServer | None = None
+
+    def on_sigterm(_signum: int, _frame: Any) -> None:
+        if server is not None:
+            server.stop()
+        else:
+            raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launcher decides when the device stops
+    try:
+        import torch
+
+        from workers.process.devices import choose_device, device_identity
+        from workers.serving.models.loader import load_model
+
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)
+        choice = choose_device(config.device)
+        log.info("device %s: %s", choice.device, choice.reason)
+        residents: dict[str, _Resident] = {}
+        for slot, raw_spec in enumerate(config.specs):
+            spec = ModelSpec.model_validate(raw_spec)
+            impl, report = load_model(spec, choice.device)
+            residents[spec.name] = _Resident(spec, impl, report, slot, board, choice.device)
+        server = DeviceServer(residents, config.address, board, settings, choice.device)
+        from workers.observability import telemetry
+
+        identity = device_identity(choice.device)
+        device_telemetry = telemetry.setup_worker(choice.device, device_name=identity["name"])
+    except BaseException as exc:  # noqa: BLE001 - report why, then exit: the launcher stops the group
+        ready.send({"ok": False, "error": f"{type(exc).__name__}: {exc}"})
+        board.set_device(State.FAILED)
+        log.error("device process cannot start: %s: %s", type(exc).__name__, exc)
+        raise SystemExit(3) from None
+    board.set_device(State.READY)
+    ready.send({"ok": True, "device": choice.device, "identity": identity,
+                "cards": [resident.card() for resident in residents.values()]})
+    try:
+        server.serve()
+    finally:
+        board.set_device(State.STOPPED)
+        device_telemetry.shutdown()
+        log.info("device process stopped")

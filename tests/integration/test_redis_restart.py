@@ -201,7 +201,7 @@ def test_running_worker_survives_redis_restarts_mid_load(aof_redis):
             assert raw.hlen("unacked") == 0 and _queued(raw) == 0
         log = worker.log()
         assert "Unrecoverable error" not in log
-        assert log.count("Connected to redis") >= 3  # the first connection and one per restart
+        assert log.count("Connected to ") >= 3  # the first connection and one per restart
         runs = re.findall(r"Task fleet\.embed\[([0-9a-f-]+)\] succeeded", log)
         twice = len(runs) - len(set(runs))
         print(f"jobs: {len(submitted)}; computed more than once (acks lost in the outage): {twice}")

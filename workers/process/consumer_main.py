@@ -82,14 +82,17 @@ def consumer_main(config: ConsumerConfig, cards_pipe: Any) -> None:
     from celery import bootsteps, signals
 
     from workers.observability.logs import configure_logging
+    from workers.process.parent_watch import die_with_parent
     from workers.settings import WorkerSettings
 
+    die_with_parent()
     settings = WorkerSettings(**config.settings)
     configure_logging(settings.log_level)
     board = StatusBoard.attach(config.board_path)
     board.set_consumer(config.index, State.STARTING, os.getpid())
 
     from workers.queue.app import app  # Celery, kombu and the tasks: imported while the device loads
+    from workers.queue.event_batching import EventBatching
     from workers.serving import runtime as runtime_module
     from workers.serving.device_client import DeviceClient
     from workers.serving.runtime import ConsumerRuntime, ModelCard
@@ -128,6 +131,7 @@ def consumer_main(config: ConsumerConfig, cards_pipe: Any) -> None:
             consumer.timer.call_repeatedly(TICK_S, tick)
 
     app.steps["consumer"].add(BoardTicks)
+    app.steps["consumer"].add(EventBatching)
 
     def stop_services() -> None:
         if sweeper is not None:

@@ -7,8 +7,9 @@ other jobs starting at the same moment (workers/queue/group_commit.py), does eve
   is already stored. On a first delivery nothing is, unless the client marked the job
   ``REVOKED`` first (its deadline passed while it waited, or it was cancelled while queued):
   then the job is not computed;
-* ``ZREM fleet:pending <id>`` (merged with the other jobs' into one command): the message
-  reached a worker, so the delivery sweeper has nothing to re-send;
+* ``ZREM fleet:pending <id>`` (merged with the other jobs' into one command) and ``HDEL`` of
+  the request copy in the job record: the message reached a worker, so the delivery sweeper
+  has nothing to re-send;
 * ``EXISTS fleet:cancel:<id>``: cancelled before it started.
 
 A redelivered job (its worker died, or it was handed back) or a retried one also reads its
@@ -91,8 +92,9 @@ class JobContext:
         ttl = result_ttl(request, backend.expires)
         cancel_key = keys.cancel_flag(self.job_id)
         if first_delivery(request):
-            marked, cancelled = starts.execute(
-                lambda pipe: pipe.set(meta_key, started, nx=True, ex=ttl).exists(cancel_key),
+            marked, cancelled, _ = starts.execute(
+                lambda pipe: pipe.set(meta_key, started, nx=True, ex=ttl).exists(cancel_key)
+                .hdel(keys.job_record(self.job_id), "request"),
                 merge={("zrem", keys.PENDING): [self.job_id]})
             if marked:
                 return Start(proceed=True, cancelled=bool(cancelled))

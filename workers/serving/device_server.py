@@ -430,7 +430,9 @@ def device_main(config: DeviceConfig, ready: Any) -> None:
     it gets ``{"ok": True, "device", "identity", "cards"}`` once the models are loaded, or
     ``{"ok": False, "error"}`` (and the process exits with code 3) if loading failed."""
     from workers.observability.logs import configure_logging
+    from workers.process.parent_watch import die_with_parent
 
+    die_with_parent()
     settings = WorkerSettings(**config.settings)
     configure_logging(settings.log_level)
     board = StatusBoard.attach(config.board_path)

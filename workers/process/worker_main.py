@@ -22,6 +22,7 @@ from producer import keys, redis_connection
 from producer.contract import TRAINING_QUEUE
 from workers.process.devices import DeviceError, choose_device, device_identity, parse_device, pin_cuda_device
 from workers.process.health import Heartbeat
+from workers.process.worker_probes import WorkerProbes
 from workers.observability.logs import configure_logging
 from workers.serving.registry import RegistryError, load_registry, select, with_trained_models
 from workers.settings import WorkerSettings
@@ -146,20 +147,28 @@ def run_worker(options: WorkerOptions, settings: WorkerSettings | None = None) -
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
 
+    try:
+        probes = WorkerProbes(settings)
+    except OSError as exc:
+        log.error("cannot start worker: probes on port %s: %s", settings.probe_port, exc)
+        return EXIT_CONFIG_ERROR
     log.info("loading %d model(s) on %s: %s", len(specs), choice.device, ", ".join(s.name for s in specs))
     try:
-        runtime = WorkerRuntime.load(settings, choice.device, specs)
+        runtime = WorkerRuntime.load(settings, choice.device, specs, device_hook=probes.device_work)
     except Exception as exc:  # noqa: BLE001 - any load failure stops the worker with its reason
         log.error("cannot start worker: loading models failed: %s: %s", type(exc).__name__, exc)
         return EXIT_LOAD_ERROR
     runtime_module.install(runtime)
+    probes.models_loaded.set()
 
     publish_catalog(redis_client, specs)
     name = worker_name(options, choice.device, settings.hostname)
     identity = device_identity(choice.device)
     from workers.observability import telemetry
 
-    worker_telemetry = telemetry.setup_worker(choice.device, runtime=runtime, device_name=identity["name"])
+    worker_telemetry = telemetry.setup_worker(
+        choice.device, models={n: r.spec.kind.value for n, r in runtime.models.items()}, device_name=identity["name"],
+        redis_client=redis_client, ready=probes.ready)
 
     def snapshot() -> dict:
         return {
@@ -193,6 +202,7 @@ def run_worker(options: WorkerOptions, settings: WorkerSettings | None = None) -
         if sweeper is not None:
             sweeper.stop()
         worker_telemetry.shutdown()  # flush spans and metrics before a hard exit
+        probes.stop()
 
     queues = [spec.queue for spec in specs] + ([TRAINING_QUEUE] if options.train else [])
     # A training-only worker takes one job at a time, so that queued training jobs stay in
@@ -203,6 +213,7 @@ def run_worker(options: WorkerOptions, settings: WorkerSettings | None = None) -
 
     from workers.queue.app import app
 
+    app.steps["consumer"].add(probes.consumer_step())
     worker = app.Worker(hostname=name, pool="threads", concurrency=concurrency, queues=queues,
                         loglevel=settings.log_level.upper(), without_mingle=True, without_gossip=True,
                         optimization="fair")

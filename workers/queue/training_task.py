@@ -13,6 +13,7 @@ from producer import keys
 from producer.contract import TASK_TRAIN, ErrorCode, TrainRequest
 from producer.contract.training import TrainKind
 from producer.errors import JobFailedError
+from workers.observability import telemetry
 from workers.serving import runtime as runtime_module
 from workers.queue.app import app
 from workers.queue.tasks import FleetRequest, JobContext, parse_payload, refuse_bad_headers
@@ -52,8 +53,11 @@ def train_task(self, *args, **kwargs) -> dict:
         context.stop_as_cancelled()
     store = LocalDirectoryStore(runtime.settings.artifact_dir)
 
+    model_label = request.register_as or request.kind.value  # the metrics' ml.model.name
+
     def report(progress) -> None:
         self.update_state(state="PROGRESS", meta=progress.model_dump(mode="json"))
+        telemetry.record_training_progress(model_label, request.kind.value, progress)
 
     with _training_slot:
         runtime.job_started(context.job_id)
@@ -68,6 +72,8 @@ def train_task(self, *args, **kwargs) -> dict:
             raise JobFailedError(code.value, f"{type(exc).__name__}: {exc}") from None
         finally:
             runtime.job_finished(context.job_id)
+    if "accuracy" in result.metrics:
+        telemetry.record_model_accuracy(model_label, request.kind.value, result.metrics["accuracy"])
     if result.cancelled:
         log.info("training job %s cancelled at step %d; checkpoint kept in %s", context.job_id, result.steps,
                  runtime.settings.artifact_dir)

@@ -35,11 +35,11 @@ def embed(resident: ResidentModel, request: EmbedRequest, context=None) -> Embed
     """
     from workers.serving.models.embedder import finish_vectors, finish_vectors_b64
 
-    with telemetry.tokenize_span(request.model, len(request.texts)) as span:
+    with telemetry.tokenize_span(request.model, resident.spec.kind.value, len(request.texts)) as span:
         id_lists = resident.impl.encode_each(list(request.texts))
-        span.record_tokens(id_lists)
+        telemetry.record_tokens(span, id_lists)
     futures = resident.batcher.submit(id_lists, costs=[len(ids) for ids in id_lists],
-                                      context=telemetry.current_span_context())
+                                      context=telemetry.current_span())
     pooled = [future.result() for future in futures]
     impl = resident.impl
     if request.encoding == "base64":
@@ -65,7 +65,7 @@ def classify(resident: ResidentModel, request: ClassifyRequest, context=None) ->
         raise JobFailedError(ErrorCode.INVALID_INPUT.value,
                              f"model {request.model!r} classifies {impl.input_kind}, not "
                              f"{'texts' if request.texts is not None else 'inputs'}")
-    futures = resident.batcher.submit(items, costs=costs, context=telemetry.current_span_context())
+    futures = resident.batcher.submit(items, costs=costs, context=telemetry.current_span())
     predictions = []
     for future in futures:
         probabilities = future.result()

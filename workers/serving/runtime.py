@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from producer.contract import ErrorCode, ModelKind
 from producer.errors import JobFailedError
-from workers.serving.batching import DynamicBatcher
+from workers.serving.batching import BatchHook, DynamicBatcher, chain_hooks, no_hook
 from workers.serving.models.report import LoadReport
 from workers.serving.registry import ModelSpec
 from workers.settings import WorkerSettings
@@ -46,8 +46,14 @@ class WorkerRuntime:
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
-    def load(cls, settings: WorkerSettings, device: str, specs: list[ModelSpec]) -> "WorkerRuntime":
-        """Load and warm up every model in ``specs`` on ``device``; any failure propagates."""
+    def load(cls, settings: WorkerSettings, device: str, specs: list[ModelSpec],
+             device_hook: BatchHook = no_hook) -> "WorkerRuntime":
+        """Load and warm up every model in ``specs`` on ``device``; any failure propagates.
+
+        ``device_hook`` wraps every device batch of every model, after the batch's trace span
+        (the worker's liveness probe uses it to see the device thread make progress).
+        """
+        from workers.observability.telemetry import BatchScope
         from workers.serving.models.loader import load_model
 
         models: dict[str, ResidentModel] = {}
@@ -57,7 +63,9 @@ class WorkerRuntime:
             if hasattr(impl, "run_batch"):
                 batcher = DynamicBatcher(spec.name, impl.run_batch, max_batch_size=spec.max_batch_size,
                                          max_wait_s=spec.max_wait_ms / 1000.0,
-                                         on_out_of_memory=_release_cuda_cache if device.startswith("cuda") else None)
+                                         on_out_of_memory=_release_cuda_cache if device.startswith("cuda") else None,
+                                         batch_hook=chain_hooks(BatchScope(device, {spec.name: spec.kind.value}),
+                                                                  device_hook))
             models[spec.name] = ResidentModel(spec, impl, batcher, report)
         return cls(settings=settings, device=device, models=models)
 

@@ -14,7 +14,9 @@ Conventions:
 
 The instruments are created on the OpenTelemetry API's global meter when ``Instruments()`` is
 built. Before an SDK is installed they are the API's no-op proxies; once ``producer.telemetry.setup``
-installs one they record. Units follow UCUM: ``s``, ``By``, ``1``, ``{job}``.
+installs one they record. Units follow UCUM (``s``, ``By``, ``{job}``); fractions (0..1) have no
+unit rather than ``1``, because the Collector's Prometheus exporter would add ``_ratio`` to their
+names and the SDK's would not: with none, both paths give Prometheus the same names.
 """
 
 from __future__ import annotations
@@ -78,11 +80,11 @@ class Instruments:
         self.jobs_in_flight = self.meter.create_up_down_counter(
             "fleet.jobs.in_flight", unit="{job}", description="Jobs executing on this worker now")
         self.training_progress = self.meter.create_gauge(
-            "fleet.training.progress", unit="1", description="Steps done over total steps of the running training job")
+            "fleet.training.progress", unit="", description="Steps done over total steps of the running training job")
         self.training_loss = self.meter.create_gauge(
             "fleet.training.loss", unit="", description="Training loss at the latest progress report")
         self.model_accuracy = self.meter.create_gauge(
-            "fleet.model.accuracy", unit="1", description="Accuracy (0..1) on the evaluation split")
+            "fleet.model.accuracy", unit="", description="Accuracy (0..1) on the evaluation split")
 
     def observe(self, name: str, observe: Observe, *, unit: str, description: str, up_down: bool = False) -> None:
         """Register an observable gauge (or up-down counter) whose callback calls ``observe()``.

@@ -290,13 +290,18 @@ def test_trigger_metadata_is_what_the_scaler_reads(rendered):
             assert int(trigger["metadata"]["listLength"]) >= 1
 
 
-def test_pod_monitor_matches_the_prometheus_operator_crd(tmp_path):
+def render_with_component(directory: Path, overlay: str, component: str) -> list[dict[str, Any]]:
+    """Render ``overlays/<overlay>`` plus ``components/<component>`` (kustomize wants relative paths)."""
     _need_pykustomize()
-    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({
+    (directory / "kustomization.yaml").write_text(yaml.safe_dump({
         "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
-        "resources": [os.path.relpath(K8S / "overlays" / "cpu", tmp_path)],
-        "components": [os.path.relpath(K8S / "components" / "prometheus-operator", tmp_path)]}))
-    resources = render.render(tmp_path)
+        "resources": [os.path.relpath(K8S / "overlays" / overlay, directory)],
+        "components": [os.path.relpath(K8S / "components" / component, directory)]}))
+    return render.render(directory)
+
+
+def test_pod_monitor_matches_the_prometheus_operator_crd(tmp_path):
+    resources = render_with_component(tmp_path, "cpu", "prometheus-operator")
     (monitor,) = render.find(resources, "PodMonitor")
     assert_valid(crd_validator("monitoring.coreos.com_podmonitors.yaml"), monitor)
     endpoint = monitor["spec"]["podMetricsEndpoints"][0]
@@ -310,12 +315,7 @@ def test_pod_monitor_matches_the_prometheus_operator_crd(tmp_path):
 
 
 def test_gpu_product_component_pins_gpu_pods_to_a_gfd_label(tmp_path):
-    _need_pykustomize()
-    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({
-        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
-        "resources": [os.path.relpath(K8S / "overlays" / "gpu", tmp_path)],
-        "components": [os.path.relpath(K8S / "components" / "gpu-product", tmp_path)]}))
-    resources = render.render(tmp_path)
+    resources = render_with_component(tmp_path, "gpu", "gpu-product")
     for dep in fleet_worker_deployments(resources):
         terms = pod_spec(dep)["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
         (expression,) = terms["nodeSelectorTerms"][0]["matchExpressions"]

@@ -14,9 +14,8 @@ Conventions:
 
 The instruments are created on the OpenTelemetry API's global meter when ``Instruments()`` is
 built. Before an SDK is installed they are the API's no-op proxies; once ``producer.telemetry.setup``
-installs one they record. Units follow UCUM (``s``, ``By``, ``{job}``); fractions (0..1) have no
-unit rather than ``1``, because the Collector's Prometheus exporter would add ``_ratio`` to their
-names and the SDK's would not: with none, both paths give Prometheus the same names.
+installs one they record. Units follow UCUM (``s``, ``By``, ``{job}``); fractions have none (see
+``GAUGES``).
 """
 
 from __future__ import annotations
@@ -47,8 +46,34 @@ GEN_AI_MODEL = "gen_ai.request.model"
 Observe = Callable[[], Iterable[tuple[float, Mapping[str, Any]]]]
 
 
+#: Every histogram: (attribute of ``Instruments``, name, unit, bucket boundaries, description).
+HISTOGRAMS = (
+    ("job_duration", "fleet.job.duration", "s", SECONDS_BUCKETS,
+     "Job run time on the worker, task start to end (queue wait excluded); its count is jobs finished, "
+     "with error.type on failures"),
+    ("queue_wait", "fleet.queue.wait", "s", SECONDS_BUCKETS,
+     "Time from enqueue (fleet_enqueued_at header) to job start"),
+    ("batch_size", "fleet.batch.size", "{item}", BATCH_SIZE_BUCKETS, "Items per device batch (the real batch size)"),
+    ("forward_duration", "fleet.forward.duration", "s", SECONDS_BUCKETS, "Forward pass time per device batch"),
+    ("time_to_first_token", "gen_ai.server.time_to_first_token", "s", TOKEN_SECONDS_BUCKETS,
+     "Time to generate the first token of a generate job (prefill), from its start"),
+    ("time_per_output_token", "gen_ai.server.time_per_output_token", "s", TOKEN_SECONDS_BUCKETS,
+     "Time per output token after the first, per generate job"),
+)
+#: Every synchronous gauge: (attribute, name, unit, description). Fractions carry no unit: the
+#: Collector's Prometheus exporter would add ``_ratio`` to a ``1`` unit and the SDK's would not.
+GAUGES = (
+    ("training_progress", "fleet.training.progress", "", "Steps done over total steps of the running training job"),
+    ("training_loss", "fleet.training.loss", "", "Training loss at the latest progress report"),
+    ("model_accuracy", "fleet.model.accuracy", "", "Accuracy (0..1) on the evaluation split"),
+)
+
+
 class Instruments:
-    """Every synchronous instrument Fleet records, on ``meter`` (the API's global meter by default)."""
+    """Every synchronous instrument Fleet records, on ``meter`` (the API's global meter by default).
+
+    Attributes: the first column of ``HISTOGRAMS`` and ``GAUGES``, and ``jobs_in_flight``.
+    """
 
     def __init__(self, meter=None):
         from opentelemetry import metrics
@@ -56,35 +81,13 @@ class Instruments:
         from producer.telemetry import fleet_version
 
         self.meter = meter or metrics.get_meter(INSTRUMENTATION_NAME, fleet_version())
-        histogram = self.meter.create_histogram
-        self.job_duration = histogram(
-            "fleet.job.duration", unit="s", explicit_bucket_boundaries_advisory=SECONDS_BUCKETS,
-            description="Job run time on the worker, task start to end (queue wait excluded); its count is jobs "
-                        "finished, with error.type on failures")
-        self.queue_wait = histogram(
-            "fleet.queue.wait", unit="s", explicit_bucket_boundaries_advisory=SECONDS_BUCKETS,
-            description="Time from enqueue (fleet_enqueued_at header) to job start")
-        self.batch_size = histogram(
-            "fleet.batch.size", unit="{item}", explicit_bucket_boundaries_advisory=BATCH_SIZE_BUCKETS,
-            description="Items per device batch (the real batch size)")
-        self.forward_duration = histogram(
-            "fleet.forward.duration", unit="s", explicit_bucket_boundaries_advisory=SECONDS_BUCKETS,
-            description="Forward pass time per device batch")
-        self.time_to_first_token = histogram(
-            "gen_ai.server.time_to_first_token", unit="s", explicit_bucket_boundaries_advisory=TOKEN_SECONDS_BUCKETS,
-            description="Time to generate the first token of a generate job (prefill), from its start")
-        self.time_per_output_token = histogram(
-            "gen_ai.server.time_per_output_token", unit="s",
-            explicit_bucket_boundaries_advisory=TOKEN_SECONDS_BUCKETS,
-            description="Time per output token after the first, per generate job")
+        for attribute, name, unit, buckets, description in HISTOGRAMS:
+            setattr(self, attribute, self.meter.create_histogram(
+                name, unit=unit, description=description, explicit_bucket_boundaries_advisory=buckets))
+        for attribute, name, unit, description in GAUGES:
+            setattr(self, attribute, self.meter.create_gauge(name, unit=unit, description=description))
         self.jobs_in_flight = self.meter.create_up_down_counter(
             "fleet.jobs.in_flight", unit="{job}", description="Jobs executing on this worker now")
-        self.training_progress = self.meter.create_gauge(
-            "fleet.training.progress", unit="", description="Steps done over total steps of the running training job")
-        self.training_loss = self.meter.create_gauge(
-            "fleet.training.loss", unit="", description="Training loss at the latest progress report")
-        self.model_accuracy = self.meter.create_gauge(
-            "fleet.model.accuracy", unit="", description="Accuracy (0..1) on the evaluation split")
 
     def observe(self, name: str, observe: Observe, *, unit: str, description: str, up_down: bool = False) -> None:
         """Register an observable gauge (or up-down counter) whose callback calls ``observe()``.

@@ -124,11 +124,14 @@ def resource_defaults(default_service_name: str, extra: Mapping[str, Any] | None
 # --- set-up --------------------------------------------------------------------------------
 
 _lock = threading.Lock()
+#: Telemetry is on in this process (Fleet's SDK set-up, or the application's own providers).
 _installed = False
+#: Fleet installed the providers (so :func:`shutdown` may stop them; an application's it leaves alone).
+_fleet_owns_providers = False
 
 
 def installed() -> bool:
-    """Did :func:`setup` install the SDK in this process?"""
+    """Is telemetry on in this process (set up by :func:`setup`, or the application's own providers)?"""
     return _installed
 
 
@@ -163,7 +166,7 @@ def setup(default_service_name: str, *, resource_attributes: Mapping[str, Any] |
     sets the resource. An application that installed its own tracer provider keeps it (Fleet
     then only instruments Celery). Raises ``TelemetrySetupError`` on an SDK Fleet cannot drive.
     """
-    global _installed
+    global _installed, _fleet_owns_providers
     if not configured():
         return False
     with _lock:
@@ -184,7 +187,7 @@ def setup(default_service_name: str, *, resource_attributes: Mapping[str, Any] |
             os.environ.setdefault("OTEL_EXPORTER_PROMETHEUS_PORT", "0")
         exporters = default_exporters()
         _configure_sdk(resource_defaults(default_service_name, resource_attributes), exporters)
-        _installed = True
+        _installed = _fleet_owns_providers = True
         log.info("telemetry on: service %s; exporters (besides OTEL_*_EXPORTER) %s", default_service_name, exporters)
         return True
 
@@ -208,11 +211,12 @@ def flush(timeout_ms: int = 5000) -> None:
 
 
 def shutdown() -> None:
-    """Flush and stop what :func:`setup` installed (no-op when telemetry is off; safe twice)."""
-    global _installed
+    """Flush and stop what :func:`setup` installed (no-op when telemetry is off or the providers are
+    the application's; safe twice)."""
+    global _installed, _fleet_owns_providers
     with _lock:
-        was_installed, _installed = _installed, False
-    if not was_installed:
+        owned, _installed, _fleet_owns_providers = _fleet_owns_providers, False, False
+    if not owned:
         return
     for provider in _providers():
         try:

@@ -115,3 +115,29 @@ def test_one_setup_per_process_serves_producer_and_worker_alike():
     completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO_ROOT,
                                timeout=120)
     assert completed.returncode == 0 and "OK" in completed.stdout, completed.stdout + completed.stderr
+
+
+def test_an_applications_own_providers_are_kept_and_never_shut_down():
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "OTLP_"))}
+    env.update({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9"})
+    code = textwrap.dedent("""
+        from opentelemetry import trace
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+        from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+        from producer import telemetry
+        spans = InMemorySpanExporter()
+        own = TracerProvider()
+        own.add_span_processor(SimpleSpanProcessor(spans))
+        trace.set_tracer_provider(own)
+        assert telemetry.setup_producer() is True and telemetry.installed()
+        assert trace.get_tracer_provider() is own
+        telemetry.shutdown()
+        with trace.get_tracer("app").start_as_current_span("after-fleet-shutdown"):
+            pass
+        assert [s.name for s in spans.get_finished_spans()] == ["after-fleet-shutdown"], spans.get_finished_spans()
+        print("OK")
+    """)
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO_ROOT,
+                               timeout=120)
+    assert completed.returncode == 0 and "OK" in completed.stdout, completed.stdout + completed.stderr

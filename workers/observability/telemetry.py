@@ -34,14 +34,15 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 from opentelemetry import trace
 
 from producer import telemetry as base
-from producer.contract import TASK_FOR_KIND, TRAINING_QUEUE
+from producer.contract import TASK_FOR_KIND, TASK_TRAIN, TRAINING_QUEUE
 from workers.observability import instruments as names
 from workers.observability.instruments import Instruments
 
 log = logging.getLogger(__name__)
 
-_KIND_FOR_TASK = {task: kind.value for kind, task in TASK_FOR_KIND.items()}
-_KIND_FOR_TASK.setdefault("fleet.train", "train")
+_KIND_FOR_TASK = {**{task: kind.value for kind, task in TASK_FOR_KIND.items()}, TASK_TRAIN: "train"}
+#: ``ml.model.name`` of training jobs in the job metrics (their own gauges name the model trained).
+TRAINING_MODEL_LABEL = "training"
 
 tracer = trace.get_tracer(names.INSTRUMENTATION_NAME, base.fleet_version())
 instruments = Instruments()
@@ -223,7 +224,7 @@ class JobSignals:
     def _started(self, task_id: str, task: Any, args: Sequence[Any] | None) -> None:
         request = task.request
         kind = _KIND_FOR_TASK.get(task.name, task.name)
-        model = self.model_of(args, request) if kind != "train" else "training"
+        model = self.model_of(args, request) if kind != "train" else TRAINING_MODEL_LABEL
         attributes = {names.MODEL: model, names.KIND: kind, names.DEVICE: self.device}
         with self._lock:
             self._jobs[task_id] = _Job(time.perf_counter(), attributes)

@@ -9,8 +9,8 @@
    (the same client with the previous ``__init__``/``_submit``: no setup call, no header).
    Every OTEL_*/OTLP_* variable is removed first, for the worker too.
 2. Per call: the added producer work (``setup_producer()`` + ``enqueue_headers()``) and the
-   worker helpers (``current_span_context``, ``tokenize_span``, ``batch_span``,
-   ``forward_span``) while off, with ``timeit``.
+   worker helpers (``current_span``, ``tokenize_span``, the batcher's ``BatchScope`` hook,
+   ``forward_span``: the OpenTelemetry API's no-ops) while off, with ``timeit``.
 
 Prints one table; docs/OBSERVABILITY.md quotes a run.
 """
@@ -31,7 +31,6 @@ from pathlib import Path
 
 for _name in [n for n in os.environ if n.startswith(("OTEL_", "OTLP_"))]:
     del os.environ[_name]
-os.environ.pop("FLEET_PROMETHEUS_PORT", None)
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -121,20 +120,23 @@ def micro() -> list[str]:
     from producer import telemetry as producer_telemetry
     from workers.observability import telemetry as worker_telemetry
 
-    assert producer_telemetry.setup_producer() is None and not worker_telemetry.enabled()
+    from workers.serving.batching import BatchInfo
+
+    assert producer_telemetry.setup_producer() is False and not producer_telemetry.installed()
     lines = ["per call, telemetry off (min of 5 repeats):"]
     lines.append(per_call("producer: setup_producer() (each FleetClient())", producer_telemetry.setup_producer,
                           20_000))
     lines.append(per_call("producer: enqueue_headers() (each submit)", producer_telemetry.enqueue_headers))
-    lines.append(per_call("worker: current_span_context() (each batcher submit)",
-                          worker_telemetry.current_span_context))
+    lines.append(per_call("worker: current_span() (each batcher submit)", worker_telemetry.current_span))
+    batch_scope = worker_telemetry.BatchScope("cpu", {"minilm": "embed"})
+    info = BatchInfo((0.0,), contexts=(None,))
 
     def scopes():
-        with worker_telemetry.tokenize_span("minilm", 1) as span:
-            span.record_tokens([[1, 2, 3]])
-        with worker_telemetry.batch_span("minilm", [None], enqueued_at=(0.0,)):
+        with worker_telemetry.tokenize_span("minilm", "embed", 1) as span:
+            worker_telemetry.record_tokens(span, [[1, 2, 3]])
+        with batch_scope("minilm", info):
             with worker_telemetry.forward_span("minilm", "embed", "cpu", "float32", (1, 3)) as span:
-                span.record_embedding_norms(None)
+                worker_telemetry.record_embedding_norms(span, None)
 
     lines.append(per_call("worker: tokenize + batch + forward scopes (each job)", scopes))
     return lines

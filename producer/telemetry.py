@@ -1,36 +1,31 @@
-"""OpenTelemetry setup from the standard environment, shared by producers and workers.
+"""OpenTelemetry for Fleet processes: the one owner of the SDK set-up, from the standard environment.
 
-Nothing here runs at import time, and nothing heavy is imported until an endpoint is
-configured: with no ``OTEL_EXPORTER_OTLP_ENDPOINT`` (nor its alias ``OTLP_ENDPOINT``, nor a
-per-signal endpoint, nor ``FLEET_PROMETHEUS_PORT``) :func:`setup` installs no provider, builds
-no exporter and opens no connection; the global OpenTelemetry API then stays a no-op.
+Off unless configured. :func:`setup` installs nothing, imports no SDK module and opens no
+connection unless the environment asks for telemetry: an OTLP endpoint
+(``OTEL_EXPORTER_OTLP_ENDPOINT``, the seed's alias ``OTLP_ENDPOINT``, or a per-signal
+``OTEL_EXPORTER_OTLP_{TRACES,METRICS,LOGS}_ENDPOINT``) or an exporter named in
+``OTEL_{TRACES,METRICS,LOGS}_EXPORTER`` (other than ``none``); ``OTEL_SDK_DISABLED=true`` wins
+over all of them. Off, the OpenTelemetry API Fleet calls stays the API's own no-op.
 
-Environment (standard names; see docs/OBSERVABILITY.md):
+On, the SDK configures itself: Fleet runs the SDK's configurator (the one
+``opentelemetry-instrument`` runs), so the exporters read ``OTEL_EXPORTER_OTLP_*`` (endpoint,
+protocol, headers, timeout, compression, certificates), the sampler reads ``OTEL_TRACES_SAMPLER``
+and the readers read ``OTEL_METRIC_EXPORT_INTERVAL`` themselves. Fleet adds three defaults
+only: with an OTLP endpoint and no ``OTEL_TRACES_EXPORTER`` / ``OTEL_METRICS_EXPORTER``, traces
+and metrics go over OTLP (logs stay off unless ``OTEL_LOGS_EXPORTER`` names an exporter); the
+seed's ``OTLP_ENDPOINT`` is copied to ``OTEL_EXPORTER_OTLP_ENDPOINT`` when that is unset; and
+resource attributes (``service.name``, ``service.namespace``, ``service.version``,
+``service.instance.id``, ``host.name``, ``process.pid`` and the caller's) wherever
+``OTEL_SERVICE_NAME`` / ``OTEL_RESOURCE_ATTRIBUTES`` do not set them.
+``OTEL_METRICS_EXPORTER=prometheus`` (or ``otlp,prometheus``) turns on Prometheus export.
 
-``OTEL_EXPORTER_OTLP_ENDPOINT``
-    Base OTLP endpoint, e.g. ``http://otel-collector:4317`` (gRPC) or ``http://host:4318`` (HTTP).
-    ``OTLP_ENDPOINT`` is accepted as an alias. ``OTEL_EXPORTER_OTLP_{TRACES,METRICS,LOGS}_ENDPOINT``
-    override it per signal (used as given, also for HTTP).
-``OTEL_EXPORTER_OTLP_PROTOCOL``
-    ``grpc`` (default, as Python's auto-configuration) or ``http/protobuf``; per signal with
-    ``OTEL_EXPORTER_OTLP_{TRACES,METRICS,LOGS}_PROTOCOL``.
-``OTEL_SERVICE_NAME``, ``OTEL_RESOURCE_ATTRIBUTES``
-    Override the service name and add or override resource attributes.
-``OTEL_TRACES_EXPORTER``, ``OTEL_METRICS_EXPORTER``, ``OTEL_LOGS_EXPORTER``
-    ``otlp`` or ``none``. Traces and metrics default to ``otlp``; logs to ``none`` (the compose
-    collector has no logs pipeline); set ``otlp`` to ship log records too.
-``OTEL_SDK_DISABLED=true``
-    Turns everything off whatever else is set.
-
-The SDK itself reads the rest (``OTEL_EXPORTER_OTLP_HEADERS``, ``..._TIMEOUT``,
-``..._COMPRESSION``, ``..._CERTIFICATE``, ``OTEL_BSP_*``, ``OTEL_METRIC_EXPORT_INTERVAL``).
-
-This module must stay light: the producer imports it, and the producer never imports
-torch or worker code.
+This module must stay light: the producer imports it, and the producer never imports torch
+or worker code.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -39,8 +34,7 @@ import sys
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 log = logging.getLogger(__name__)
 
@@ -48,15 +42,16 @@ log = logging.getLogger(__name__)
 ENQUEUED_AT_HEADER = "fleet_enqueued_at"
 
 ENDPOINT_ENV = "OTEL_EXPORTER_OTLP_ENDPOINT"
+#: The seed's name for ``OTEL_EXPORTER_OTLP_ENDPOINT``, accepted as an alias.
 ENDPOINT_ALIAS_ENV = "OTLP_ENDPOINT"
-PROMETHEUS_PORT_ENV = "FLEET_PROMETHEUS_PORT"
-PROTOCOL_GRPC = "grpc"
-PROTOCOL_HTTP = "http/protobuf"
 _SIGNALS = ("traces", "metrics", "logs")
-_DEFAULT_EXPORTER = {"traces": "otlp", "metrics": "otlp", "logs": "none"}
-#: Telemetry is off unless one of these is set (checked first, so that "off" costs a few lookups).
-_ENABLING_ENV = (ENDPOINT_ENV, ENDPOINT_ALIAS_ENV, *(f"OTEL_EXPORTER_OTLP_{s.upper()}_ENDPOINT" for s in _SIGNALS),
-                 PROMETHEUS_PORT_ENV)
+_ENDPOINT_VARIABLES = (ENDPOINT_ENV, ENDPOINT_ALIAS_ENV, *(f"OTEL_EXPORTER_OTLP_{s.upper()}_ENDPOINT" for s in _SIGNALS))
+#: Signals Fleet sends over OTLP by default once an endpoint is set (logs are opt-in).
+_OTLP_BY_DEFAULT = ("traces", "metrics")
+
+
+class TelemetrySetupError(RuntimeError):
+    """The installed OpenTelemetry SDK cannot be configured the way Fleet was written for."""
 
 
 def enqueue_headers() -> dict[str, float]:
@@ -64,71 +59,36 @@ def enqueue_headers() -> dict[str, float]:
     return {ENQUEUED_AT_HEADER: time.time()}
 
 
-# --- configuration -----------------------------------------------------------------------
+# --- the gate ------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class SignalConfig:
-    """Where one signal goes: ``endpoint`` is final (HTTP paths already appended)."""
-
-    endpoint: str
-    protocol: str
+def _exporter_names(env: Mapping[str, str], signal: str) -> list[str]:
+    """The exporters ``OTEL_<SIGNAL>_EXPORTER`` names (``none`` and unset: none)."""
+    names = [name.strip() for name in env.get(f"OTEL_{signal.upper()}_EXPORTER", "").split(",") if name.strip()]
+    return [] if names == ["none"] else names
 
 
-@dataclass(frozen=True)
-class TelemetryConfig:
-    """What the environment asks for. A signal is ``None`` when it is off."""
-
-    traces: SignalConfig | None = None
-    metrics: SignalConfig | None = None
-    logs: SignalConfig | None = None
-    prometheus_port: int | None = None
-
-    @property
-    def enabled(self) -> bool:
-        return bool(self.traces or self.metrics or self.logs or self.prometheus_port is not None)
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> "TelemetryConfig":
-        env = os.environ if environ is None else environ
-        if not any(env.get(name) for name in _ENABLING_ENV):
-            return cls()
-        if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
-            return cls()
-        base = (env.get(ENDPOINT_ENV) or env.get(ENDPOINT_ALIAS_ENV) or "").strip()
-        general_protocol = (env.get("OTEL_EXPORTER_OTLP_PROTOCOL") or PROTOCOL_GRPC).strip().lower()
-        signals: dict[str, SignalConfig | None] = {}
-        for signal in _SIGNALS:
-            exporter = (env.get(f"OTEL_{signal.upper()}_EXPORTER") or _DEFAULT_EXPORTER[signal]).strip().lower()
-            specific = (env.get(f"OTEL_EXPORTER_OTLP_{signal.upper()}_ENDPOINT") or "").strip()
-            protocol = (env.get(f"OTEL_EXPORTER_OTLP_{signal.upper()}_PROTOCOL") or general_protocol).strip().lower()
-            if exporter == "none" or not (specific or base):
-                signals[signal] = None
-                continue
-            if exporter != "otlp":
-                log.warning("OTEL_%s_EXPORTER=%s is not supported by Fleet (otlp or none); using otlp",
-                            signal.upper(), exporter)
-            if protocol not in (PROTOCOL_GRPC, PROTOCOL_HTTP):
-                log.warning("unsupported OTLP protocol %r for %s; using %s", protocol, signal, PROTOCOL_GRPC)
-                protocol = PROTOCOL_GRPC
-            if specific:
-                endpoint = specific
-            elif protocol == PROTOCOL_HTTP:
-                endpoint = f"{base.rstrip('/')}/v1/{signal}"
-            else:
-                endpoint = base
-            signals[signal] = SignalConfig(endpoint, protocol)
-        return cls(prometheus_port=_port(env.get(PROMETHEUS_PORT_ENV)), **signals)
+def configured(environ: Mapping[str, str] | None = None) -> bool:
+    """Does the environment ask for telemetry? (The only notion of "on": see the module docstring.)"""
+    env = os.environ if environ is None else environ
+    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return False
+    return any(env.get(name) for name in _ENDPOINT_VARIABLES) or any(_exporter_names(env, s) for s in _SIGNALS)
 
 
-def _port(value: str | None) -> int | None:
-    value = (value or "").strip()
-    if not value:
-        return None
-    if value.isdigit() and 0 < int(value) < 65536:
-        return int(value)
-    log.warning("%s=%r is not a TCP port; no Prometheus endpoint", PROMETHEUS_PORT_ENV, value)
-    return None
+def prometheus_export_on(environ: Mapping[str, str] | None = None) -> bool:
+    """Is Prometheus export asked for (``prometheus`` in ``OTEL_METRICS_EXPORTER``)?"""
+    env = os.environ if environ is None else environ
+    return configured(env) and "prometheus" in _exporter_names(env, "metrics")
+
+
+def default_exporters(environ: Mapping[str, str] | None = None) -> dict[str, list[str]]:
+    """Exporters Fleet adds per signal: ``otlp`` for traces and metrics when an endpoint is set and
+    the signal's ``OTEL_<SIGNAL>_EXPORTER`` is unset; the SDK adds whatever that variable names."""
+    env = os.environ if environ is None else environ
+    endpoint = any(env.get(name) for name in _ENDPOINT_VARIABLES)
+    return {signal: ["otlp"] if endpoint and signal in _OTLP_BY_DEFAULT and not env.get(f"OTEL_{signal.upper()}_EXPORTER")
+            else [] for signal in _SIGNALS}
 
 
 # --- resource ------------------------------------------------------------------------------
@@ -143,8 +103,11 @@ def fleet_version() -> str:
         return "0+unknown"
 
 
-def resource_attributes(default_service_name: str, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Fleet's own resource attributes; ``OTEL_SERVICE_NAME``/``OTEL_RESOURCE_ATTRIBUTES`` override them."""
+def resource_defaults(default_service_name: str, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Fleet's resource attributes, less those ``OTEL_SERVICE_NAME``/``OTEL_RESOURCE_ATTRIBUTES`` set
+    (the environment wins; ``None`` values in ``extra`` are dropped)."""
+    from opentelemetry.sdk.resources import OTELResourceDetector
+
     attributes: dict[str, Any] = {
         "service.name": default_service_name,
         "service.namespace": "fleet",
@@ -152,228 +115,143 @@ def resource_attributes(default_service_name: str, extra: Mapping[str, Any] | No
         "service.instance.id": str(uuid.uuid4()),
         "host.name": os.environ.get("HOSTNAME") or socket.gethostname(),
         "process.pid": os.getpid(),
+        **{k: v for k, v in (extra or {}).items() if v is not None},
     }
-    attributes.update({k: v for k, v in (extra or {}).items() if v is not None})
-    return attributes
+    from_environment = OTELResourceDetector().detect().attributes
+    return {k: v for k, v in attributes.items() if k not in from_environment}
 
 
-def build_resource(default_service_name: str, extra: Mapping[str, Any] | None = None):
-    from opentelemetry.sdk.resources import OTELResourceDetector, Resource
-
-    # Resource.create adds telemetry.sdk.*; then the environment wins over Fleet's defaults.
-    return Resource.create(resource_attributes(default_service_name, extra)).merge(OTELResourceDetector().detect())
-
-
-# --- installed state -----------------------------------------------------------------------
-
-
-@dataclass
-class Telemetry:
-    """The providers this process installed. ``flush`` and ``shutdown`` are safe to call twice."""
-
-    config: TelemetryConfig
-    resource: Any = None
-    tracer_provider: Any = None
-    meter_provider: Any = None
-    logger_provider: Any = None
-    log_handler: logging.Handler | None = None
-    _shutdown_hooks: list[Callable[[], None]] = field(default_factory=list)
-    _stopped: bool = False
-
-    def flush(self, timeout_ms: int = 5000) -> None:
-        for provider in (self.tracer_provider, self.meter_provider, self.logger_provider):
-            if provider is not None:
-                try:
-                    provider.force_flush(timeout_ms)
-                except Exception:  # noqa: BLE001 - telemetry must never break the caller
-                    log.debug("telemetry flush failed", exc_info=True)
-
-    def shutdown(self) -> None:
-        if self._stopped:
-            return
-        self._stopped = True
-        for hook in self._shutdown_hooks:
-            try:
-                hook()
-            except Exception:  # noqa: BLE001
-                log.debug("telemetry shutdown hook failed", exc_info=True)
-        self.flush()
-        if self.log_handler is not None:
-            logging.getLogger().removeHandler(self.log_handler)
-        for provider in (self.tracer_provider, self.meter_provider, self.logger_provider):
-            if provider is not None:
-                try:
-                    provider.shutdown()
-                except Exception:  # noqa: BLE001
-                    log.debug("telemetry shutdown failed", exc_info=True)
-
+# --- set-up --------------------------------------------------------------------------------
 
 _lock = threading.Lock()
-_installed: Telemetry | None = None
+#: Telemetry is on in this process (Fleet's SDK set-up, or the application's own providers).
+_installed = False
+#: Fleet installed the providers (so :func:`shutdown` may stop them; an application's it leaves alone).
+_fleet_owns_providers = False
 
 
-def installed() -> Telemetry | None:
-    """The telemetry this process set up, or None while telemetry is off."""
+def installed() -> bool:
+    """Is telemetry on in this process (set up by :func:`setup`, or the application's own providers)?"""
     return _installed
 
 
-def setup(default_service_name: str, *, extra_resource: Mapping[str, Any] | None = None, metrics: bool = True,
-          config: TelemetryConfig | None = None) -> Telemetry | None:
-    """Install tracer/meter/logger providers and OTLP exporters as the environment asks.
+def _configure_sdk(resource_attributes: Mapping[str, Any], exporters: Mapping[str, list[str]]) -> None:
+    """Run the SDK's configurator (as a distro does) with Fleet's defaults."""
+    from opentelemetry.sdk import _configuration
+    from opentelemetry.sdk.version import __version__ as sdk_version
 
-    Returns None, having imported no SDK module and opened nothing, when nothing is configured.
-    Idempotent: the first call in a process sets the resource and the tracer provider; a later
-    call that asks for metrics (a worker that built a ``FleetClient`` first) adds the meter
-    provider that is still missing. ``metrics=False`` skips the meter provider (the producer
-    has no metrics of its own).
+    wanted = {"resource_attributes", "trace_exporter_names", "metric_exporter_names", "log_exporter_names"}
+    accepted = set(inspect.signature(_configuration._initialize_components).parameters)
+    if not wanted <= accepted or not hasattr(_configuration, "_get_exporter_entry_point"):
+        raise TelemetrySetupError(f"opentelemetry-sdk {sdk_version}: its configurator is not the one Fleet "
+                                  f"was written for (1.45: {', '.join(sorted(wanted))}, _get_exporter_entry_point)")
+
+    class FleetConfigurator(_configuration._OTelSDKConfigurator):
+        """Fleet as an OpenTelemetry distro: the SDK's own configuration, Fleet's defaults."""
+
+    # Names given here skip the SDK's OTEL_EXPORTER_OTLP_*_PROTOCOL lookup; resolve "otlp" as it would.
+    entry_points = {signal: [_configuration._get_exporter_entry_point(name, signal) for name in names]
+                    for signal, names in exporters.items()}
+    FleetConfigurator().configure(resource_attributes=dict(resource_attributes),
+                                  trace_exporter_names=entry_points["traces"],
+                                  metric_exporter_names=entry_points["metrics"],
+                                  log_exporter_names=entry_points["logs"])
+
+
+def setup(default_service_name: str, *, resource_attributes: Mapping[str, Any] | None = None) -> bool:
+    """Install the SDK (tracer, meter and logger providers, exporters) as the environment asks.
+
+    Returns whether telemetry is on in this process. Does nothing when the environment asks
+    for none (see :func:`configured`), and installs at most once per process: the first call
+    sets the resource. An application that installed its own tracer provider keeps it (Fleet
+    then only instruments Celery). Raises ``TelemetrySetupError`` on an SDK Fleet cannot drive.
     """
-    global _installed
-    config = config or TelemetryConfig.from_env()
-    if not config.enabled:
-        return None
+    global _installed, _fleet_owns_providers
+    if not configured():
+        return False
     with _lock:
-        if _installed is not None:
-            telemetry = _installed
-            if metrics and telemetry.meter_provider is None and (config.metrics or config.prometheus_port is not None):
-                telemetry.meter_provider = _install_metrics(telemetry, config)
-            return telemetry
-        telemetry = Telemetry(config=config, resource=build_resource(default_service_name, extra_resource))
-        if config.traces:
-            telemetry.tracer_provider = _install_traces(telemetry.resource, config.traces)
-        if metrics and (config.metrics or config.prometheus_port is not None):
-            telemetry.meter_provider = _install_metrics(telemetry, config)
-        if config.logs:
-            telemetry.logger_provider, telemetry.log_handler = _install_logs(telemetry.resource, config.logs)
-        _installed = telemetry
-        log.info("telemetry on: service %s, traces %s, metrics %s, logs %s",
-                 telemetry.resource.attributes.get("service.name"), _describe(config.traces),
-                 _describe(config.metrics) if metrics else "off", _describe(config.logs))
-        return telemetry
+        if _installed:
+            return True
+        from opentelemetry import trace
+
+        if type(trace.get_tracer_provider()).__name__ != "ProxyTracerProvider":
+            log.info("telemetry: keeping the application's own OpenTelemetry providers")
+            _installed = True
+            return True
+        if os.environ.get(ENDPOINT_ALIAS_ENV) and not os.environ.get(ENDPOINT_ENV):
+            os.environ[ENDPOINT_ENV] = os.environ[ENDPOINT_ALIAS_ENV]
+        if prometheus_export_on():
+            # The SDK's Prometheus reader opens a listener of its own (localhost:9464 by default; two
+            # workers on one host would collide). Fleet serves the same registry on its probe port
+            # (/metrics), so unless told otherwise let the SDK's go to a free localhost port.
+            os.environ.setdefault("OTEL_EXPORTER_PROMETHEUS_PORT", "0")
+        exporters = default_exporters()
+        _configure_sdk(resource_defaults(default_service_name, resource_attributes), exporters)
+        _installed = _fleet_owns_providers = True
+        log.info("telemetry on: service %s; exporters (besides OTEL_*_EXPORTER) %s", default_service_name, exporters)
+        return True
 
 
-def shutdown() -> None:
-    """Flush and stop whatever :func:`setup` installed (no-op when telemetry is off)."""
-    global _installed
-    with _lock:
-        telemetry, _installed = _installed, None
-    if telemetry is not None:
-        telemetry.shutdown()
+def _providers() -> list[Any]:
+    from opentelemetry import metrics, trace
+    from opentelemetry._logs import get_logger_provider
+
+    return [trace.get_tracer_provider(), metrics.get_meter_provider(), get_logger_provider()]
 
 
 def flush(timeout_ms: int = 5000) -> None:
     """Export what is buffered now (no-op when telemetry is off)."""
-    if _installed is not None:
-        _installed.flush(timeout_ms)
+    if not _installed:
+        return
+    for provider in _providers():
+        try:
+            getattr(provider, "force_flush", lambda _timeout: None)(timeout_ms)
+        except Exception:  # noqa: BLE001 - telemetry must never break the caller
+            log.debug("telemetry flush failed", exc_info=True)
 
 
-def _describe(signal: SignalConfig | None) -> str:
-    return f"{signal.protocol} {signal.endpoint}" if signal else "off"
-
-
-def _install_traces(resource, signal: SignalConfig):
-    from opentelemetry import trace
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor
-
-    if signal.protocol == PROTOCOL_HTTP:
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-    else:
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-    provider = TracerProvider(resource=resource)
-    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=signal.endpoint)))
-    trace.set_tracer_provider(provider)
-    return provider
-
-
-def _install_metrics(telemetry: Telemetry, config: TelemetryConfig):
-    from opentelemetry import metrics
-    from opentelemetry.sdk.metrics import MeterProvider
-    from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
-
-    readers = []
-    if config.metrics:
-        if config.metrics.protocol == PROTOCOL_HTTP:
-            from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
-        else:
-            from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
-        readers.append(PeriodicExportingMetricReader(OTLPMetricExporter(endpoint=config.metrics.endpoint)))
-    if config.prometheus_port is not None:
-        reader = _prometheus_reader(config.prometheus_port, telemetry)
-        if reader is not None:
-            readers.append(reader)
-    provider = MeterProvider(resource=telemetry.resource, metric_readers=readers)
-    metrics.set_meter_provider(provider)
-    return provider
-
-
-def _prometheus_reader(port: int, telemetry: Telemetry):
-    """A Prometheus scrape endpoint on ``port`` (needs ``opentelemetry-exporter-prometheus``)."""
-    try:
-        from opentelemetry.exporter.prometheus import PrometheusMetricReader
-        from prometheus_client import start_http_server
-    except ImportError:
-        log.warning("%s=%s ignored: install opentelemetry-exporter-prometheus for a Prometheus endpoint",
-                    PROMETHEUS_PORT_ENV, port)
-        return None
-    try:
-        server, _thread = start_http_server(port)
-    except OSError as exc:
-        log.warning("no Prometheus endpoint on :%d: %s", port, exc)
-        return None
-    telemetry._shutdown_hooks.append(server.shutdown)
-    log.info("Prometheus metrics on :%d/metrics", port)
-    return PrometheusMetricReader()
-
-
-def _install_logs(resource, signal: SignalConfig):
-    from opentelemetry._logs import set_logger_provider
-    from opentelemetry.sdk._logs import LoggerProvider, LoggingHandler
-    from opentelemetry.sdk._logs.export import BatchLogRecordProcessor
-
-    if signal.protocol == PROTOCOL_HTTP:
-        from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter
-    else:
-        from opentelemetry.exporter.otlp.proto.grpc._log_exporter import OTLPLogExporter
-    provider = LoggerProvider(resource=resource)
-    provider.add_log_record_processor(BatchLogRecordProcessor(OTLPLogExporter(endpoint=signal.endpoint)))
-    set_logger_provider(provider)
-    handler = LoggingHandler(logger_provider=provider)
-    logging.getLogger().addHandler(handler)
-    return provider, handler
+def shutdown() -> None:
+    """Flush and stop what :func:`setup` installed (no-op when telemetry is off or the providers are
+    the application's; safe twice)."""
+    global _installed, _fleet_owns_providers
+    with _lock:
+        owned, _installed, _fleet_owns_providers = _fleet_owns_providers, False, False
+    if not owned:
+        return
+    for provider in _providers():
+        try:
+            getattr(provider, "shutdown", lambda: None)()
+        except Exception:  # noqa: BLE001
+            log.debug("telemetry shutdown failed", exc_info=True)
 
 
 # --- the producer side ---------------------------------------------------------------------
 
 
-def setup_producer(default_service_name: str = "fleet-producer") -> Telemetry | None:
-    """Trace task publishing (W3C ``traceparent`` into the message headers) when an endpoint is set.
+def setup_producer(default_service_name: str = "fleet-producer") -> bool:
+    """Trace task publishing (W3C ``traceparent`` into the message headers) when telemetry is configured.
 
-    Called by ``FleetClient.__init__``; cheap and idempotent, and a no-op without an endpoint.
+    Called by ``FleetClient.__init__``; cheap and idempotent, and a no-op unless configured.
     A failure to set up telemetry is logged and never stops the producer.
     """
-    config = TelemetryConfig.from_env()
-    if not config.traces:
-        return None
+    if not configured():
+        return False
     try:
-        telemetry = setup(default_service_name, metrics=False, config=config)
-        instrument_celery(telemetry)
+        setup(default_service_name)
+        instrument_celery()
     except Exception:  # noqa: BLE001 - telemetry must never break job submission
         log.exception("telemetry setup failed; continuing without tracing")
-        return None
-    return telemetry
-
-
-def instrument_celery(telemetry: Telemetry | None) -> bool:
-    """Turn on ``opentelemetry-instrumentation-celery`` once per process (both sides use it)."""
-    if telemetry is None or telemetry.tracer_provider is None:
         return False
+    return True
+
+
+def instrument_celery() -> None:
+    """Turn on ``opentelemetry-instrumentation-celery`` once per process (both sides use it)."""
     from opentelemetry.instrumentation.celery import CeleryInstrumentor
 
     instrumentor = CeleryInstrumentor()
     if not instrumentor.is_instrumented_by_opentelemetry:
-        instrumentor.instrument(tracer_provider=telemetry.tracer_provider,
-                                meter_provider=telemetry.meter_provider)
-    return True
+        instrumentor.instrument()
 
 
 # --- JSON logs -----------------------------------------------------------------------------

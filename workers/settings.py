@@ -39,6 +39,12 @@ class WorkerSettings(FleetSettings):
     sweep_grace_s: float = Field(120.0, gt=0)
     #: A heartbeat older than this many intervals means the worker is gone.
     heartbeat_ttl_intervals: int = Field(5, ge=2)
+    #: Port of the HTTP probes /livez, /readyz (and /metrics with Prometheus export); unset: none.
+    probe_port: int | None = Field(None, ge=0, le=65535)
+    #: The consumer loop must turn at least this often while it consumes, or the worker is unlive.
+    consumer_stall_s: float = Field(60.0, gt=0)
+    #: One device batch may run this long before the worker is unlive (a stuck device thread).
+    device_stall_s: float = Field(300.0, gt=0)
     log_level: str = "INFO"
     #: Where training writes checkpoints and final models (a shared volume in production).
     artifact_dir: Path = Path("var/artifacts")

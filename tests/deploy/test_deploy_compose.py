@@ -79,41 +79,48 @@ def test_compose_schema_is_not_a_rubber_stamp(compose):
 
 def test_all_services_present(services):
     assert set(services) == {
-        "redis", "worker-cpu", "worker-gpu", "trainer", "flower", "otel-collector", "jaeger", "prometheus",
+        "redis", "worker-cpu", "worker-gpu", "trainer", "flower", "otel-collector", "jaeger", "prometheus", "grafana",
     }
     # Everything but the GPU worker starts with a plain `docker compose up -d`.
     assert [name for name, s in services.items() if s.get("profiles")] == ["worker-gpu"]
     assert services["worker-gpu"]["profiles"] == ["gpu"]
 
 
-def test_redis_persists_never_evicts_and_takes_its_password_from_env(services):
+def test_redis_persists_never_evicts_and_reads_its_password_from_a_secret_file(compose, services):
     redis = services["redis"]
     assert re.match(r"redis:7(\.|$)", redis["image"])
-    command = redis["command"]
-    flags = dict(zip(command[1::2], command[2::2]))
-    assert command[0] == "redis-server"
+    assert redis["entrypoint"] == ["/bin/sh", "-c"]
+    (script,) = redis["command"]
+    server = script[script.index("exec redis-server"):].split()
+    flags = dict(zip(server[2::2], server[3::2]))
     assert flags["--appendonly"] == "yes"
     assert flags["--appendfsync"] == "everysec"
     assert flags["--maxmemory-policy"] == "noeviction"
-    assert re.fullmatch(r"\$\{REDIS_PASSWORD:\?[^}]+\}", flags["--requirepass"]), "password must come from .env"
+    assert flags["--aclfile"] == "/tmp/users.acl" and "requirepass" not in script
+    assert "$$(cat /run/secrets/redis_password)" in script, "the ACL file is written from the secret file"
+    assert redis["secrets"] == ["redis_password"]
+    assert compose["secrets"]["redis_password"] == {"environment": "REDIS_PASSWORD"}
+    assert "environment" not in redis, "no password in the Redis container's environment"
     assert any(v.endswith(":/data") for v in redis["volumes"])
-    assert redis["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
+    assert "redis-cli ping" in redis["healthcheck"]["test"][1]
 
 
 def test_no_literal_credentials(services):
     for name, service in services.items():
         for key, value in (service.get("environment") or {}).items():
-            if re.search(r"PASSWORD|AUTH|REDIS_URL|SECRET|TOKEN", key):
+            if re.search(r"PASSWORD|BASIC_AUTH|REDIS_URL|SECRET|TOKEN", key):
                 assert "${" in str(value), f"{name}.{key} is a literal credential"
     env_example = (ROOT / "infra" / "compose" / "env.example").read_text()
     assert "REDIS_PASSWORD=" in env_example and "FLOWER_BASIC_AUTH=" in env_example
+    assert "GRAFANA_ADMIN_PASSWORD=" in env_example
 
 
 def test_workers_are_health_checked_and_drain_before_sigkill(services):
     visibility = None
     for name in WORKERS:
         service = services[name]
-        assert service["healthcheck"]["test"] == ["CMD", "fleet", "health"], name
+        assert "http://127.0.0.1:8080/readyz" in service["healthcheck"]["test"][-1], name
+        assert service["environment"]["FLEET_PROBE_PORT"] == "8080"
         assert service.get("stop_signal", "SIGTERM") == "SIGTERM"
         env = service["environment"]
         drain = float(env["FLEET_DRAIN_GRACE_S"])
@@ -135,9 +142,11 @@ def test_gpu_worker_reserves_one_nvidia_gpu(services):
     assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
     command = gpu["command"]
     assert command[command.index("--device") + 1] == "cuda:0"
-    assert gpu["build"]["dockerfile"] == "infra/docker/Dockerfile.cuda"
+    assert gpu["build"]["dockerfile"] == "infra/docker/Dockerfile"
+    assert gpu["build"]["args"]["TORCH_VARIANT"].startswith("cu")
     for name in ("worker-cpu", "trainer", "flower"):
-        assert services[name]["build"]["dockerfile"] == "infra/docker/Dockerfile.cpu"
+        assert services[name]["build"]["dockerfile"] == "infra/docker/Dockerfile"
+        assert services[name]["build"]["args"]["TORCH_VARIANT"] == "cpu"
         assert "deploy" not in services[name]
 
 
@@ -205,19 +214,41 @@ def test_collector_jaeger_and_prometheus_line_up(services):
     assert "--config=/etc/otelcol/collector.yaml" in collector["command"]
     jaeger_endpoint = collector["environment"]["JAEGER_OTLP_ENDPOINT"]
     assert jaeger_endpoint == "jaeger:4317"
-    assert services["jaeger"]["environment"]["COLLECTOR_OTLP_ENABLED"] == "true"
+    # Current releases: Jaeger v2 (OTLP built in), Prometheus v3.
+    assert re.fullmatch(r"jaegertracing/jaeger:2\.\d+\.\d+", services["jaeger"]["image"])
+    assert re.fullmatch(r"prom/prometheus:v3\.\d+\.\d+", services["prometheus"]["image"])
+    # Resource attributes stay out of series labels (target_info), and stale series expire.
+    assert "resource_to_telemetry_conversion" not in config["exporters"]["prometheus"]
+    assert config["exporters"]["prometheus"]["metric_expiration"]
     prometheus = yaml.safe_load((ROOT / "infra" / "prometheus" / "prometheus.yml").read_text())
     targets = {t for job in prometheus["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]}
     exporter_port = config["exporters"]["prometheus"]["endpoint"].rsplit(":", 1)[1]
     assert f"otel-collector:{exporter_port}" in targets
     assert "./infra/prometheus/prometheus.yml:/etc/prometheus/prometheus.yml:ro" in services["prometheus"]["volumes"]
+    assert "./infra/prometheus/rules:/etc/prometheus/rules:ro" in services["prometheus"]["volumes"]
+    assert prometheus["rule_files"] == ["/etc/prometheus/rules/*.yml"]
+
+
+def test_grafana_is_provisioned_with_prometheus_and_the_fleet_dashboard(services):
+    grafana = services["grafana"]
+    assert grafana["image"].startswith("grafana/grafana")
+    mounts = grafana["volumes"]
+    assert "./infra/grafana/provisioning:/etc/grafana/provisioning:ro" in mounts
+    assert "./infra/grafana/dashboards:/var/lib/grafana/dashboards:ro" in mounts
+    datasources = yaml.safe_load((ROOT / "infra/grafana/provisioning/datasources/prometheus.yml").read_text())
+    (source,) = datasources["datasources"]
+    assert source["type"] == "prometheus" and source["url"] == "http://prometheus:9090" and source["isDefault"]
+    providers = yaml.safe_load((ROOT / "infra/grafana/provisioning/dashboards/fleet.yml").read_text())
+    assert providers["providers"][0]["options"]["path"] == "/var/lib/grafana/dashboards"
+    assert (ROOT / "infra/grafana/dashboards/fleet.json").exists()
+    assert re.fullmatch(r"\$\{GRAFANA_ADMIN_PASSWORD:\?[^}]+\}", grafana["environment"]["GF_SECURITY_ADMIN_PASSWORD"])
 
 
 def test_dockerignore_keeps_the_build_inputs():
-    """The Dockerfiles COPY pyproject.toml, README.md, producer/, workers/ only."""
+    """The Dockerfile COPYs the constraints, pyproject.toml, README.md, producer/, workers/ only."""
     lines = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()]
     patterns = [line for line in lines if line and not line.startswith("#")]
     assert patterns[0] == "*", "deny by default"
-    for needed in ("!pyproject.toml", "!README.md", "!producer/", "!workers/"):
+    for needed in ("!infra/docker/constraints.txt", "!pyproject.toml", "!README.md", "!producer/", "!workers/"):
         assert needed in patterns
     assert not any(p.startswith("!") and p.rstrip("/") in {".venv", ".git", "tests", ".env"} for p in patterns)

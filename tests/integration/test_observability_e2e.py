@@ -180,7 +180,9 @@ def test_batch_span_links_every_job_sharing_it(scenario):
 
 def test_failed_job_is_traced_with_its_error_code(scenario):
     run = scenario.span_for_job("run/fleet.embed", scenario.bad_id)
-    assert run.attributes["fleet.outcome"] == "invalid_input" and run.status_code == 2  # STATUS_CODE_ERROR
+    assert run.attributes["error.type"] == "invalid_input" and run.status_code == 2  # STATUS_CODE_ERROR
+    ok_run = scenario.span_for_job("run/fleet.embed", scenario.ok_ids[0])
+    assert "error.type" not in ok_run.attributes
 
 
 def test_resources_name_service_version_instance_host_framework_device(scenario):
@@ -206,40 +208,44 @@ def _last(points):
 def test_metrics_names_attributes_and_values(scenario):
     receiver = scenario.receiver
     job_count = len(scenario.ok_ids)
+    model = {"ml.model.name": "minilm", "ml.model.kind": "embed"}
 
-    counts = _last(receiver.points("ml.inference.count"))
-    by_outcome = {p.attributes["outcome"]: p.value for p in counts}
-    assert by_outcome.get("success") == job_count and by_outcome.get("invalid_input") == 1, by_outcome
-    for point in counts:
-        assert point.type == "sum" and point.is_monotonic and point.unit == "{job}"
-        assert {k: point.attributes[k] for k in ("model", "kind", "device")} == {
-            "model": "minilm", "kind": "embed", "device": "cpu"}
+    durations = _last(receiver.points("fleet.job.duration"))
+    by_error = {p.attributes.get("error.type"): p for p in durations}
+    assert set(by_error) == {None, "invalid_input"}, by_error
+    assert by_error[None].count == job_count and by_error["invalid_input"].count == 1
+    for point in durations:
+        assert point.type == "histogram" and point.unit == "s"
+        assert {k: point.attributes[k] for k in ("ml.model.name", "ml.model.kind", "ml.device")} == {
+            **model, "ml.device": "cpu"}
         assert point.resource["service.name"] == "fleet-worker-test"
+    assert 0 < by_error[None].sum / by_error[None].count < 60
 
-    durations = _last(receiver.points("ml.inference.duration"))
-    success = next(p for p in durations if p.attributes["outcome"] == "success")
-    assert success.type == "histogram" and success.unit == "s" and success.count == job_count
-    assert 0 < success.sum / success.count < 60
-
-    (wait,) = _last(receiver.points("ml.queue.wait"))
+    (wait,) = _last(receiver.points("fleet.queue.wait"))
     assert wait.unit == "s" and wait.count == job_count + 1 and 0 <= wait.min <= wait.max < 120
-    assert wait.attributes == {"model": "minilm", "kind": "embed"}
+    assert wait.attributes == model
 
-    batch_sizes = _last(receiver.points("ml.batch.size"))
-    assert batch_sizes, "no ml.batch.size: the batcher's batch span is not wired"
+    batch_sizes = _last(receiver.points("fleet.batch.size"))
+    assert batch_sizes, "no fleet.batch.size: the batcher's hook is not wired"
     (batch,) = batch_sizes
-    assert batch.attributes == {"model": "minilm", "kind": "embed", "device": "cpu"}
+    assert batch.attributes == {**model, "ml.device": "cpu"}
     assert batch.sum >= job_count and batch.max >= 2
 
-    (forward,) = _last(receiver.points("ml.forward.duration"))
+    (forward,) = _last(receiver.points("fleet.forward.duration"))
     assert forward.unit == "s" and forward.count >= 1
 
-    (in_flight,) = _last(receiver.points("ml.jobs.in_flight"))
+    (in_flight,) = _last(receiver.points("fleet.jobs.in_flight"))
     assert in_flight.type == "sum" and not in_flight.is_monotonic and in_flight.value == 0
 
-    memory = _last(receiver.points("ml.device.memory"))
-    assert {p.attributes["type"] for p in memory} == {"rss"}
-    assert all(p.unit == "By" and p.value > 50 * 2**20 for p in memory)
+    (memory,) = _last(receiver.points("process.memory.usage"))
+    assert memory.unit == "By" and memory.value > 50 * 2**20 and memory.attributes == {}
+
+    depths = _last(receiver.points("fleet.queue.depth"))
+    queues = {(p.attributes["messaging.destination.name"], p.attributes["fleet.queue.priority"]) for p in depths}
+    assert {("fleet.embed.minilm", step) for step in (0, 3, 6, 9)} <= queues, queues
+    assert all(p.value == 0 for p in depths)  # every job was served before the last export
+    (ready,) = _last(receiver.points("fleet.worker.ready"))
+    assert ready.attributes == {"ml.model.name": "minilm"}
 
 
 def test_worker_logs_are_json_lines_carrying_the_job_trace(scenario):

@@ -47,7 +47,6 @@ print("REPORT " + json.dumps(report))
 
 def run_clean(body: str) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "OTLP_"))}
-    env["FLEET_PROMETHEUS_PORT"] = ""
     code = _PRELUDE + textwrap.dedent(body) + _REPORT
     completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO_ROOT,
                                timeout=120)
@@ -70,7 +69,7 @@ def test_producer_without_endpoint_installs_nothing_and_connects_nowhere():
     report = run_clean("""
         from producer import FleetClient, telemetry
         client = FleetClient("redis://127.0.0.1:1/0")   # redis-py connects lazily; nothing is sent here
-        assert telemetry.setup_producer() is None and telemetry.installed() is None
+        assert telemetry.setup_producer() is False and not telemetry.installed()
         telemetry.flush(); telemetry.shutdown()
         client.close()
     """)
@@ -80,31 +79,63 @@ def test_producer_without_endpoint_installs_nothing_and_connects_nowhere():
 
 def test_worker_without_endpoint_installs_nothing_and_connects_nowhere():
     report = run_clean("""
+        import time
+        from producer import telemetry as base
         from workers.observability import telemetry
-        handle = telemetry.setup_worker("cpu", device_name="CPU")
-        assert not handle.enabled and not telemetry.enabled()
-        with telemetry.batch_span("minilm", [telemetry.current_span_context()]) as scope:
-            scope.record_embedding_norms(None)
+        from workers.serving.batching import BatchInfo
+        handle = telemetry.setup_worker("cpu", models={"minilm": "embed"}, device_name="CPU", ready=lambda: True)
+        assert handle.signals is None and not base.installed()
+        with telemetry.BatchScope("cpu")("minilm", BatchInfo((time.monotonic(),), contexts=(telemetry.current_span(),))) as span:
+            telemetry.record_embedding_norms(span, None)  # not recording: the tensor is never touched
         handle.shutdown()
     """)
     assert_nothing_installed(report)
 
 
-def test_worker_after_a_producer_in_the_same_process_still_gets_metrics():
-    """A worker process that built a FleetClient (traces only) before setup_worker keeps its metrics."""
+def test_one_setup_per_process_serves_producer_and_worker_alike():
+    """A worker process that built a FleetClient first: the first setup installs traces and metrics."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "OTLP_"))}
-    env.update({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9", "OTEL_METRIC_EXPORT_INTERVAL": "600000",
+    env.update({"OTLP_ENDPOINT": "http://127.0.0.1:9", "OTEL_METRIC_EXPORT_INTERVAL": "600000",
                 "OTEL_EXPORTER_OTLP_TIMEOUT": "1"})
     code = textwrap.dedent("""
+        import os
         from opentelemetry import metrics, trace
         from producer import telemetry as base
         from workers.observability import telemetry
-        producer_side = base.setup_producer()
-        assert producer_side.meter_provider is None
-        handle = telemetry.setup_worker("cpu")
-        assert handle.telemetry is producer_side and producer_side.meter_provider is not None
+        assert base.setup_producer() is True
+        assert os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://127.0.0.1:9"  # the seed's alias, copied
+        handle = telemetry.setup_worker("cpu", models={"minilm": "embed"})
+        assert handle.signals is not None and base.installed()
         assert type(metrics.get_meter_provider()).__name__ == "MeterProvider"
         assert type(trace.get_tracer_provider()).__name__ == "TracerProvider"
+        exporter = trace.get_tracer_provider()._active_span_processor._span_processors[0].span_exporter
+        assert type(exporter).__module__.endswith("grpc.trace_exporter"), type(exporter)  # the SDK's default
+        print("OK")
+    """)
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO_ROOT,
+                               timeout=120)
+    assert completed.returncode == 0 and "OK" in completed.stdout, completed.stdout + completed.stderr
+
+
+def test_an_applications_own_providers_are_kept_and_never_shut_down():
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "OTLP_"))}
+    env.update({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9"})
+    code = textwrap.dedent("""
+        from opentelemetry import trace
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+        from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+        from producer import telemetry
+        spans = InMemorySpanExporter()
+        own = TracerProvider()
+        own.add_span_processor(SimpleSpanProcessor(spans))
+        trace.set_tracer_provider(own)
+        assert telemetry.setup_producer() is True and telemetry.installed()
+        assert trace.get_tracer_provider() is own
+        telemetry.shutdown()
+        with trace.get_tracer("app").start_as_current_span("after-fleet-shutdown"):
+            pass
+        assert [s.name for s in spans.get_finished_spans()] == ["after-fleet-shutdown"], spans.get_finished_spans()
         print("OK")
     """)
     completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO_ROOT,

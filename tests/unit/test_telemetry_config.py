@@ -10,81 +10,58 @@ import time
 import pytest
 
 from producer import telemetry
-from producer.telemetry import PROTOCOL_GRPC, PROTOCOL_HTTP, JsonFormatter, TelemetryConfig
+from producer.telemetry import JsonFormatter
 
 
-def test_no_endpoint_means_off():
-    config = TelemetryConfig.from_env({})
-    assert not config.enabled
-    assert config.traces is None and config.metrics is None and config.logs is None
+def test_nothing_set_means_off():
+    assert not telemetry.configured({})
+    assert telemetry.default_exporters({}) == {"traces": [], "metrics": [], "logs": []}
 
 
-def test_grpc_is_the_default_protocol_and_endpoint_is_used_as_given():
-    config = TelemetryConfig.from_env({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4317"})
-    assert config.traces.protocol == PROTOCOL_GRPC and config.traces.endpoint == "http://collector:4317"
-    assert config.metrics.endpoint == "http://collector:4317"
-    assert config.logs is None  # logs are opt-in (OTEL_LOGS_EXPORTER=otlp)
+def test_an_endpoint_turns_on_otlp_traces_and_metrics_but_not_logs():
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4317"}
+    assert telemetry.configured(env)
+    assert telemetry.default_exporters(env) == {"traces": ["otlp"], "metrics": ["otlp"], "logs": []}
 
 
-def test_http_protobuf_appends_the_signal_paths():
-    config = TelemetryConfig.from_env({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318/",
-                                       "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
-                                       "OTEL_LOGS_EXPORTER": "otlp"})
-    assert config.traces == telemetry.SignalConfig("http://collector:4318/v1/traces", PROTOCOL_HTTP)
-    assert config.metrics.endpoint == "http://collector:4318/v1/metrics"
-    assert config.logs.endpoint == "http://collector:4318/v1/logs"
+def test_seed_alias_and_per_signal_endpoints_turn_it_on():
+    assert telemetry.configured({"OTLP_ENDPOINT": "http://seed:4317"})
+    only_traces = {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://t:4318/v1/traces"}
+    assert telemetry.configured(only_traces)
+    assert telemetry.default_exporters(only_traces)["traces"] == ["otlp"]
 
 
-def test_seed_alias_and_standard_name_precedence():
-    assert TelemetryConfig.from_env({"OTLP_ENDPOINT": "http://seed:4317"}).traces.endpoint == "http://seed:4317"
-    both = TelemetryConfig.from_env({"OTLP_ENDPOINT": "http://seed:4317", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://std:4317"})
-    assert both.traces.endpoint == "http://std:4317"
-
-
-def test_per_signal_overrides_and_switches():
-    config = TelemetryConfig.from_env({
-        "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4317",
-        "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": "http://metrics:4318/v1/metrics",
-        "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL": "http/protobuf",
-        "OTEL_TRACES_EXPORTER": "none",
-    })
-    assert config.traces is None
-    assert config.metrics == telemetry.SignalConfig("http://metrics:4318/v1/metrics", PROTOCOL_HTTP)
-    only_traces = TelemetryConfig.from_env({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://t:4317"})
-    assert only_traces.traces.endpoint == "http://t:4317" and only_traces.metrics is None
+def test_an_exporter_variable_leaves_the_choice_to_the_sdk():
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317", "OTEL_TRACES_EXPORTER": "none",
+           "OTEL_METRICS_EXPORTER": "otlp,prometheus"}
+    assert telemetry.default_exporters(env) == {"traces": [], "metrics": [], "logs": []}
+    assert telemetry.prometheus_export_on(env)
+    prometheus_only = {"OTEL_METRICS_EXPORTER": "prometheus"}
+    assert telemetry.configured(prometheus_only) and telemetry.prometheus_export_on(prometheus_only)
+    assert not telemetry.configured({"OTEL_TRACES_EXPORTER": "none"})
 
 
 def test_sdk_disabled_wins():
-    config = TelemetryConfig.from_env({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317", "OTEL_SDK_DISABLED": "true",
-                                       "FLEET_PROMETHEUS_PORT": "9464"})
-    assert not config.enabled
+    assert not telemetry.configured({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317", "OTEL_SDK_DISABLED": "true",
+                                     "OTEL_METRICS_EXPORTER": "prometheus"})
 
 
-def test_prometheus_port_alone_enables_metrics_only():
-    config = TelemetryConfig.from_env({"FLEET_PROMETHEUS_PORT": "9464"})
-    assert config.enabled and config.prometheus_port == 9464 and config.traces is None and config.metrics is None
-
-
-def test_resource_attributes_and_environment_overrides(monkeypatch):
+def test_the_environment_wins_over_fleets_resource_defaults(monkeypatch):
     monkeypatch.setenv("OTEL_SERVICE_NAME", "svc-from-env")
     monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=test,ml.device=overridden")
-    resource = telemetry.build_resource("fleet-worker", {"ml.device": "cpu", "ml.framework.name": "pytorch",
-                                                         "absent": None})
-    attributes = dict(resource.attributes)
-    assert attributes["service.name"] == "svc-from-env"
-    assert attributes["deployment.environment"] == "test"
-    assert attributes["ml.device"] == "overridden"
-    assert attributes["ml.framework.name"] == "pytorch"
-    assert "absent" not in attributes
-    for key in ("service.version", "service.instance.id", "host.name", "telemetry.sdk.name"):
-        assert attributes[key], key
+    defaults = telemetry.resource_defaults("fleet-worker", {"ml.device": "cpu", "ml.framework.name": "pytorch",
+                                                            "absent": None})
+    assert "service.name" not in defaults and "ml.device" not in defaults and "absent" not in defaults
+    assert defaults["ml.framework.name"] == "pytorch"
+    for key in ("service.version", "service.instance.id", "host.name", "service.namespace"):
+        assert defaults[key], key
 
 
 def test_resource_defaults_without_environment(monkeypatch):
     monkeypatch.delenv("OTEL_SERVICE_NAME", raising=False)
     monkeypatch.delenv("OTEL_RESOURCE_ATTRIBUTES", raising=False)
-    attributes = dict(telemetry.build_resource("fleet-producer").attributes)
-    assert attributes["service.name"] == "fleet-producer" and attributes["service.namespace"] == "fleet"
+    defaults = telemetry.resource_defaults("fleet-producer")
+    assert defaults["service.name"] == "fleet-producer" and defaults["service.namespace"] == "fleet"
 
 
 def test_enqueue_header_is_unix_seconds():
@@ -159,9 +136,3 @@ def test_json_log_line_drops_job_inputs_from_celery_data():
             "return_value": "{'vectors': [...]}", "runtime": 0.2}
     entry = _log_line("fleet.test.celery", lambda logger: logger.info("Task done", extra={"data": data}))
     assert entry["data"] == {"id": "j1", "name": "fleet.embed", "runtime": 0.2}
-
-
-@pytest.mark.parametrize("value", ["abc", "0", "70000", "-1"])
-def test_bad_prometheus_port_is_ignored(value):
-    config = TelemetryConfig.from_env({"FLEET_PROMETHEUS_PORT": value})
-    assert config.prometheus_port is None and not config.enabled

@@ -7,9 +7,8 @@ Its jobs' compute happens in the device process; here they are received, validat
 tokenised, handed over, and answered (results stored, messages acknowledged).
 
 On SIGTERM (the launcher forwards it on shutdown) Celery stops consuming; jobs in flight
-get ``FLEET_DRAIN_GRACE_S`` to finish, then the rest are handed back to their queues.
-Every second the Celery event loop ticks the group's status board (liveness) with the
-jobs in flight and done.
+get ``FLEET_DRAIN_GRACE_S`` to finish, then the rest are handed back to their queues. The
+Celery event loop ticks the group's status board (liveness, workers/queue/consumer_progress.py).
 """
 
 from __future__ import annotations
@@ -24,10 +23,6 @@ from typing import Any
 from workers.process.status_board import State, StatusBoard
 
 log = logging.getLogger("fleet.consumer")
-
-#: How often the consumer's event loop ticks the status board (s).
-TICK_S = 1.0
-
 
 @dataclass(frozen=True)
 class ConsumerConfig:
@@ -79,7 +74,7 @@ def start_drain_watchdog(worker, runtime, grace_s: float, on_exit) -> None:
 
 def consumer_main(config: ConsumerConfig, cards_pipe: Any) -> None:
     """Entry point of a spawned consumer process; ``cards_pipe`` delivers the device's model cards."""
-    from celery import bootsteps, signals
+    from celery import signals
 
     from workers.observability.logs import configure_logging
     from workers.process.parent_watch import die_with_parent
@@ -107,30 +102,26 @@ def consumer_main(config: ConsumerConfig, cards_pipe: Any) -> None:
                               client=DeviceClient(config.address, board))
     runtime_module.install(runtime)
 
+    from producer.redis_connection import redis_client
     from workers.observability import telemetry
+    from workers.process.group_probes import start_process_metrics_server
+    from workers.queue.consumer_progress import consumer_progress_step
 
-    consumer_telemetry = telemetry.setup_worker(runtime.device, device_name=message.get("identity", {}).get("name"))
+    consumer_telemetry = telemetry.setup_worker(
+        runtime.device, models={name: card.kind.value for name, card in runtime.cards.items()},
+        device_name=message.get("identity", {}).get("name"), redis_client=redis_client(settings),
+        ready=lambda: board.consumer(config.index).state is State.READY)
+    board.set_consumer(config.index, State.STARTING, metrics_port=start_process_metrics_server() or 0)
     sweeper = None
     if config.run_sweeper and settings.sweep_interval_s:
         from workers.queue.delivery_sweeper import DeliverySweeper, resend_from_record
-        from producer.redis_connection import redis_client
 
         sweeper = DeliverySweeper(redis_client(settings), lambda job_id, record: resend_from_record(app, job_id, record),
                                   owner=config.worker_name, interval_s=settings.sweep_interval_s,
                                   grace_s=settings.sweep_grace_s).start()
 
-    def tick() -> None:
-        board.consumer_tick(config.index, runtime.in_flight, runtime.jobs_done)
-
-    class BoardTicks(bootsteps.StartStopStep):
-        """Ticks the status board from the consumer's event loop: no tick means a stuck loop."""
-
-        requires = ("celery.worker.consumer.tasks:Tasks",)
-
-        def start(self, consumer: Any) -> None:
-            consumer.timer.call_repeatedly(TICK_S, tick)
-
-    app.steps["consumer"].add(BoardTicks)
+    app.steps["consumer"].add(consumer_progress_step(board, config.index,
+                                                     lambda: (runtime.in_flight, runtime.jobs_done)))
     app.steps["consumer"].add(EventBatching)
 
     def stop_services() -> None:
@@ -140,8 +131,6 @@ def consumer_main(config: ConsumerConfig, cards_pipe: Any) -> None:
         runtime.client.close()
 
     def on_ready(**_: object) -> None:
-        board.set_consumer(config.index, State.READY)
-        tick()
         log.info("consumer %s ready: consuming %s", config.node_name, ", ".join(config.queues))
 
     def on_shutdown(**_: object) -> None:

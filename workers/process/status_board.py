@@ -8,7 +8,9 @@ launcher reads them all, without a Redis command or a message:
   its batchers the job ids of the batch it is computing right now and since when (monotonic
   seconds). After a crash the launcher reads which jobs were in compute: only those can have
   caused it (docs/RELIABILITY.md, "Attempts");
-* each consumer: its pid and state, a tick from its Celery event loop, jobs in flight and done.
+* each consumer: its pid and state, a tick from its Celery event loop, jobs in flight and done;
+* each process's local metrics port when Prometheus export is on (the launcher's ``/metrics``
+  gathers them, workers/process/group_probes.py).
 
 Times are ``time.monotonic()`` seconds (CLOCK_MONOTONIC, one clock for every process of a
 host). Slots are written by one process each; a reader may see a slot mid-update, which is
@@ -35,11 +37,11 @@ COMPUTING_BYTES = 12_288
 MAX_CONSUMERS = 64
 
 _MAGIC = b"FLEETSB1"
-# device: pid, state, tick, batches done; then per computing slot: started_at, length, bytes.
-_DEVICE = struct.Struct("<qqdq")
+# device: pid, state, tick, batches done, metrics port; then per computing slot: started_at, length, bytes.
+_DEVICE = struct.Struct("<qqdqq")
 _SLOT_HEAD = struct.Struct("<dq")
-# consumer: pid, state, tick, in_flight, jobs_done
-_CONSUMER = struct.Struct("<qqdqq")
+# consumer: pid, state, tick, in_flight, jobs_done, metrics port
+_CONSUMER = struct.Struct("<qqdqqq")
 _HEADER = struct.Struct("<8sq")  # magic, consumers
 
 _DEVICE_AT = _HEADER.size
@@ -56,6 +58,17 @@ class State(IntEnum):
     DRAINING = 2
     STOPPED = 3
     FAILED = 4
+    #: A consumer that is not consuming for now: connecting or reconnecting to the broker.
+    WAITING = 5
+
+
+@dataclass(frozen=True)
+class Computing:
+    """One status-board slot in use: which jobs it computes, since when (monotonic seconds)."""
+
+    slot: int
+    job_ids: list[str]
+    started: float
 
 
 @dataclass(frozen=True)
@@ -64,8 +77,8 @@ class DeviceStatus:
     state: State
     tick: float
     batches: int
-    #: Per batcher slot in use: (job ids being computed, monotonic start time).
-    computing: list[tuple[list[str], float]]
+    metrics_port: int
+    computing: list[Computing]
 
 
 @dataclass(frozen=True)
@@ -76,6 +89,7 @@ class ConsumerStatus:
     tick: float
     in_flight: int
     jobs_done: int
+    metrics_port: int
 
 
 class StatusBoard:
@@ -111,14 +125,14 @@ class StatusBoard:
 
     # --- device process --------------------------------------------------------------------
 
-    def set_device(self, state: State, pid: int | None = None) -> None:
-        old_pid, _, tick, batches = _DEVICE.unpack_from(self._memory, _DEVICE_AT)
+    def set_device(self, state: State, pid: int | None = None, metrics_port: int | None = None) -> None:
+        old_pid, _, _, batches, old_port = _DEVICE.unpack_from(self._memory, _DEVICE_AT)
         _DEVICE.pack_into(self._memory, _DEVICE_AT, pid if pid is not None else old_pid, int(state),
-                          time.monotonic(), batches)
+                          time.monotonic(), batches, metrics_port if metrics_port is not None else old_port)
 
     def device_tick(self) -> None:
-        pid, state, _, batches = _DEVICE.unpack_from(self._memory, _DEVICE_AT)
-        _DEVICE.pack_into(self._memory, _DEVICE_AT, pid, state, time.monotonic(), batches)
+        pid, state, _, batches, port = _DEVICE.unpack_from(self._memory, _DEVICE_AT)
+        _DEVICE.pack_into(self._memory, _DEVICE_AT, pid, state, time.monotonic(), batches, port)
 
     def batch_started(self, slot: int, job_ids: list[str]) -> None:
         """Record that batcher ``slot`` now computes a batch of these jobs."""
@@ -131,11 +145,11 @@ class StatusBoard:
 
     def batch_finished(self, slot: int) -> None:
         _SLOT_HEAD.pack_into(self._memory, _SLOTS_AT + slot * _SLOT_SIZE, 0.0, 0)
-        pid, state, tick, batches = _DEVICE.unpack_from(self._memory, _DEVICE_AT)
-        _DEVICE.pack_into(self._memory, _DEVICE_AT, pid, state, time.monotonic(), batches + 1)
+        pid, state, tick, batches, port = _DEVICE.unpack_from(self._memory, _DEVICE_AT)
+        _DEVICE.pack_into(self._memory, _DEVICE_AT, pid, state, time.monotonic(), batches + 1, port)
 
     def device(self) -> DeviceStatus:
-        pid, state, tick, batches = _DEVICE.unpack_from(self._memory, _DEVICE_AT)
+        pid, state, tick, batches, port = _DEVICE.unpack_from(self._memory, _DEVICE_AT)
         computing = []
         for slot in range(COMPUTING_SLOTS):
             at = _SLOTS_AT + slot * _SLOT_SIZE
@@ -143,10 +157,10 @@ class StatusBoard:
             if length:
                 raw = bytes(self._memory[at + _SLOT_HEAD.size:at + _SLOT_HEAD.size + length])
                 try:
-                    computing.append((list(json.loads(raw)), started))
+                    computing.append(Computing(slot, list(json.loads(raw)), started))
                 except ValueError:  # caught mid-write; only a live device can be caught so
                     continue
-        return DeviceStatus(pid, State(state), tick, batches, computing)
+        return DeviceStatus(pid, State(state), tick, batches, port, computing)
 
     # --- consumers ---------------------------------------------------------------------------
 
@@ -155,20 +169,20 @@ class StatusBoard:
             raise IndexError(f"consumer {index} of {self.consumers}")
         return _CONSUMERS_AT + index * _CONSUMER.size
 
-    def set_consumer(self, index: int, state: State, pid: int | None = None) -> None:
+    def set_consumer(self, index: int, state: State, pid: int | None = None, metrics_port: int | None = None) -> None:
         at = self._consumer_at(index)
-        old_pid, _, _, in_flight, done = _CONSUMER.unpack_from(self._memory, at)
+        old_pid, _, _, in_flight, done, old_port = _CONSUMER.unpack_from(self._memory, at)
         _CONSUMER.pack_into(self._memory, at, pid if pid is not None else old_pid, int(state), time.monotonic(),
-                            in_flight, done)
+                            in_flight, done, metrics_port if metrics_port is not None else old_port)
 
     def consumer_tick(self, index: int, in_flight: int, jobs_done: int) -> None:
         at = self._consumer_at(index)
-        pid, state, _, _, _ = _CONSUMER.unpack_from(self._memory, at)
-        _CONSUMER.pack_into(self._memory, at, pid, state, time.monotonic(), in_flight, jobs_done)
+        pid, state, _, _, _, port = _CONSUMER.unpack_from(self._memory, at)
+        _CONSUMER.pack_into(self._memory, at, pid, state, time.monotonic(), in_flight, jobs_done, port)
 
     def consumer(self, index: int) -> ConsumerStatus:
-        pid, state, tick, in_flight, done = _CONSUMER.unpack_from(self._memory, self._consumer_at(index))
-        return ConsumerStatus(index, pid, State(state), tick, in_flight, done)
+        pid, state, tick, in_flight, done, port = _CONSUMER.unpack_from(self._memory, self._consumer_at(index))
+        return ConsumerStatus(index, pid, State(state), tick, in_flight, done, port)
 
     def all_consumers(self) -> list[ConsumerStatus]:
         return [self.consumer(index) for index in range(self.consumers)]

@@ -57,6 +57,8 @@ EXIT_DEVICE_LOST = 4
 
 #: How often the launcher looks at its processes (s).
 WATCH_S = 0.2
+#: Seconds a Redis PING may take before the group counts as unready.
+REDIS_CHECK_TIMEOUT_S = 1.0
 #: The heartbeat waits at most this long for the device's statistics (s).
 STATS_TIMEOUT_S = 1.0
 #: After the consumers' drain grace, how long the launcher waits for them before killing them (s).
@@ -152,6 +154,12 @@ def run_worker(options: WorkerOptions, settings: WorkerSettings | None = None) -
         return EXIT_CONFIG_ERROR
     group = WorkerGroup(options, settings, specs, requested, consumers, redis_client, stop)
     try:
+        group.start_probes()
+    except OSError as exc:
+        log.error("cannot start worker: probes on port %s: %s", settings.probe_port, exc)
+        group.close()
+        return EXIT_CONFIG_ERROR
+    try:
         return group.run()
     finally:
         group.close()
@@ -194,7 +202,26 @@ class WorkerGroup:
         self.heartbeat: Heartbeat | None = None
         self.stats: dict[str, Any] = {}
         self.started_at = time.time()
+        self.probes: Any = None
         self._requested_device = requested
+
+    # --- probes -------------------------------------------------------------------------------
+
+    def start_probes(self) -> None:
+        """``/livez``, ``/readyz`` (and ``/metrics``) on ``FLEET_PROBE_PORT``, judged from the status board."""
+        if self.settings.probe_port is None:
+            return
+        from producer import telemetry as base
+        from workers.process.group_probes import GroupLiveness, GroupReadiness, gather_metrics
+        from workers.process.probes import ProbeServer
+
+        batched = {slot for slot, spec in enumerate(self.specs) if spec.kind.value != "generate"}
+        ping = redis_connection.redis_client(self.settings, patient=False, socket_timeout=REDIS_CHECK_TIMEOUT_S,
+                                             socket_connect_timeout=REDIS_CHECK_TIMEOUT_S).ping
+        self.probes = ProbeServer(
+            GroupLiveness(self.board, self.settings.device_stall_s, self.settings.consumer_stall_s, lambda: batched),
+            GroupReadiness(self.board, ping), self.settings.probe_port,
+            metrics=(lambda: gather_metrics(self.board)) if base.prometheus_export_on() else None).start()
 
     # --- processes ----------------------------------------------------------------------------
 
@@ -289,7 +316,7 @@ class WorkerGroup:
     def _device_lost(self) -> int:
         code = self.device_process.exitcode
         self.board.set_device(State.FAILED)  # consumers' waiting jobs end with DeviceLost: handed back
-        computing = [job_ids for job_ids, _ in self.board.device().computing]
+        computing = [entry.job_ids for entry in self.board.device().computing]
         log.error("the device process died (exit code %s) while computing %s; stopping the group", code,
                   "; ".join(",".join(ids) for ids in computing) or "nothing")
         try:
@@ -335,6 +362,8 @@ class WorkerGroup:
     def close(self) -> None:
         if self.heartbeat is not None:
             self.heartbeat.stop()
+        if self.probes is not None:
+            self.probes.stop()
         self.board.close()
         shutil.rmtree(self.runtime_dir, ignore_errors=True)
 

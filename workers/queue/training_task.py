@@ -17,9 +17,10 @@ from typing import Any
 from celery.exceptions import Ignore, Reject
 
 from producer import keys
-from producer.contract import TASK_TRAIN, TrainRequest
+from producer.contract import TASK_TRAIN, TrainProgress, TrainRequest
 from producer.contract.training import TrainKind
 from producer.errors import JobFailedError
+from workers.observability import telemetry
 from workers.queue.app import app
 from workers.queue.job_context import JobContext
 from workers.queue.tasks import FleetRequest, begin, parse_payload, refuse_bad_headers
@@ -52,8 +53,11 @@ def train_task(self, *args, **kwargs) -> dict:
     refuse_bad_headers(self)
     request = parse_payload(TrainRequest, args, kwargs)
 
+    model_label = request.register_as or request.kind.value  # the metrics' ml.model.name
+
     def report(progress: dict[str, Any]) -> None:
         self.update_state(state="PROGRESS", meta=progress)
+        telemetry.record_training_progress(model_label, request.kind.value, TrainProgress.model_validate(progress))
 
     with _training_slot:
         runtime.job_started(context.job_id)
@@ -69,6 +73,9 @@ def train_task(self, *args, **kwargs) -> dict:
             raise
         finally:
             runtime.job_finished(context.job_id)
+    accuracy = (result.get("metrics") or {}).get("accuracy")
+    if accuracy is not None:
+        telemetry.record_model_accuracy(model_label, request.kind.value, accuracy)
     if result.get("cancelled"):
         log.info("training job %s cancelled at step %s; checkpoint kept", context.job_id, result.get("steps"))
         context.stop_as_cancelled()

@@ -30,10 +30,9 @@ import threading
 import time
 from collections.abc import Sequence as SequenceABC
 from concurrent.futures import Future
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
-
-from workers.observability import telemetry
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +138,27 @@ class BatchInfo:
 
 
 BatchFunction = Callable[[list[Any], BatchInfo], Sequence[Any]]
+#: ``hook(name, info)`` returns a context manager entered around each run of the batch function
+#: (e.g. a trace span for the batch); an exception from the batch function passes through it.
+BatchHook = Callable[[str, BatchInfo], AbstractContextManager[Any]]
+
+
+def no_hook(name: str, info: BatchInfo) -> AbstractContextManager[Any]:
+    """The default ``batch_hook``: nothing around the batch function."""
+    return nullcontext()
+
+
+def chain_hooks(*hooks: BatchHook) -> BatchHook:
+    """One ``batch_hook`` that enters ``hooks`` in order (and exits them in reverse) around a batch."""
+
+    @contextmanager
+    def chained(name: str, info: BatchInfo):
+        with ExitStack() as stack:
+            for hook in hooks:
+                stack.enter_context(hook(name, info))
+            yield
+
+    return chained
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -183,13 +203,15 @@ class DynamicBatcher:
     """Gathers items into batches for ``run_batch`` on one dedicated thread.
 
     ``run_batch(payloads, info)`` must return exactly one output per payload, in order.
-    ``max_wait_s`` is measured from the oldest waiting item's arrival. Bad arguments raise
-    ``BatcherConfigError`` (a ``ValueError``) before any thread starts.
+    ``max_wait_s`` is measured from the oldest waiting item's arrival. ``batch_hook`` wraps each
+    run of ``run_batch`` (see ``BatchHook``). Bad arguments raise ``BatcherConfigError`` (a
+    ``ValueError``) before any thread starts.
     """
 
     def __init__(self, name: str, run_batch: BatchFunction, *, max_batch_size: int, max_wait_s: float,
                  max_queue_size: int = 100_000, on_out_of_memory: Callable[[], None] | None = None,
-                 wait_policy: str = "adaptive", sort_window_batches: int = SORT_WINDOW_BATCHES):
+                 wait_policy: str = "adaptive", sort_window_batches: int = SORT_WINDOW_BATCHES,
+                 batch_hook: BatchHook = no_hook):
         _check_config(name, run_batch, max_batch_size, max_wait_s, max_queue_size, on_out_of_memory,
                       wait_policy, sort_window_batches)
         self.name = name
@@ -200,6 +222,7 @@ class DynamicBatcher:
         self.stats = BatchStats(batch_size_cap=max_batch_size)
         self._stats_lock = threading.Lock()
         self._run_batch = run_batch
+        self._batch_hook = batch_hook
         self._on_out_of_memory = on_out_of_memory
         self._cap = max_batch_size
         self._successes_at_cap = 0
@@ -393,7 +416,7 @@ class DynamicBatcher:
         info = BatchInfo(tuple(item.enqueued_at for item in batch), reason, tuple(item.context for item in batch))
         started = time.monotonic()
         try:
-            with telemetry.batch_span(self.name, info.contexts, enqueued_at=info.enqueued_at):
+            with self._batch_hook(self.name, info):
                 outputs = self._run_batch([item.payload for item in batch], info)
         except Exception as exc:  # noqa: BLE001 - isolated below, then delivered to callers
             self._recover(batch, exc, reason)

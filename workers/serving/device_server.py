@@ -35,6 +35,7 @@ from producer.contract import ErrorCode, ModelKind
 from workers.process.status_board import COMPUTING_SLOTS, State, StatusBoard
 from workers.serving import ipc
 from workers.serving.batching import BatcherClosed, DynamicBatcher, is_out_of_memory
+from workers.observability.telemetry import span_from_traceparent
 from workers.serving.registry import ModelSpec, RegistryError, resolve_source
 from workers.settings import WorkerSettings
 
@@ -64,10 +65,12 @@ class DeviceConfig:
 
 @dataclass
 class _Work:
-    """One input of one job inside a device batch: the model's input and the job it belongs to."""
+    """One input of one job inside a device batch: the model's input and the job it belongs to;
+    ``batch`` is set to the batch span's ``traceparent`` when the batch runs (telemetry on)."""
 
     data: Any
     job: str
+    batch: str | None = None
 
 
 class _InFlight:
@@ -101,14 +104,22 @@ class _Resident:
         self.spec, self.impl, self.report, self.slot = spec, impl, report, slot
         self.batcher: DynamicBatcher | None = None
         if hasattr(impl, "run_batch"):
+            from workers.observability.telemetry import BatchScope
+
             self.batcher = DynamicBatcher(spec.name, self._run_batch, max_batch_size=spec.max_batch_size,
                                           max_wait_s=spec.max_wait_ms / 1000.0,
-                                          on_out_of_memory=_release_cuda_cache if device.startswith("cuda") else None)
+                                          on_out_of_memory=_release_cuda_cache if device.startswith("cuda") else None,
+                                          batch_hook=BatchScope(device, {spec.name: spec.kind.value}))
         self._board = board
         self.computing = _InFlight(board, slot).computing
 
     def _run_batch(self, works: list[_Work], info: Any) -> list[Any]:
+        from workers.observability.telemetry import current_traceparent
+
         self._board.batch_started(self.slot, sorted({work.job for work in works}))
+        batch = current_traceparent()  # the batch span's (BatchScope opened it around this call)
+        for work in works:
+            work.batch = batch
         try:
             return self.impl.run_batch([work.data for work in works], info)
         finally:
@@ -298,10 +309,10 @@ class DeviceServer:
             costs = [len(ids) for ids in items]
         if not items:
             raise _RequestError(ErrorCode.INVALID_INPUT.value, "no inputs")
-        futures = resident.batcher.submit([_Work(item, job) for item in items], costs=costs,
-                                          context=_span_context(header.get("trace")),
+        works = [_Work(item, job) for item in items]
+        futures = resident.batcher.submit(works, costs=costs, context=span_from_traceparent(header.get("trace")),
                                           isolated=bool(header.get("isolate")))
-        _JobReply(self._replies, identity, header.get("rid"), futures, bool(header.get("normalize")),
+        _JobReply(self._replies, identity, header.get("rid"), futures, works, bool(header.get("normalize")),
                   resident.spec.kind is ModelKind.EMBED)
 
     def _cancel(self, job: str) -> None:
@@ -382,10 +393,10 @@ def _failure(rid: Any, exc: BaseException, job: str) -> list[bytes]:
 class _JobReply:
     """Collects the outputs of one infer job's items (in order) and replies once all are done."""
 
-    def __init__(self, replies: _Replies, identity: bytes, rid: Any, futures: list[Future], normalize: bool,
-                 embed: bool):
+    def __init__(self, replies: _Replies, identity: bytes, rid: Any, futures: list[Future], works: list[_Work],
+                 normalize: bool, embed: bool):
         self._replies, self._identity, self._rid = replies, identity, rid
-        self._futures, self._normalize, self._embed = futures, normalize, embed
+        self._futures, self._works, self._normalize, self._embed = futures, works, normalize, embed
         self._left = len(futures)
         self._lock = threading.Lock()
         for future in futures:
@@ -410,19 +421,10 @@ class _JobReply:
         if self._embed and self._normalize:
             rows = torch.nn.functional.normalize(rows, p=2, dim=1)
         shape, raw = ipc.encode_matrix(np.asarray(rows.cpu().numpy()))
-        return ipc.pack({"rid": self._rid, "ok": True, "shape": shape}, raw)
-
-
-def _span_context(traceparent: Any) -> Any:
-    """The W3C trace context of the job that sent an item (for batch-span links), or None."""
-    if not traceparent:
-        return None
-    from opentelemetry import trace
-    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-
-    context = trace.get_current_span(TraceContextTextMapPropagator().extract({"traceparent": traceparent}))
-    span_context = context.get_span_context()
-    return span_context if span_context.is_valid else None
+        header: dict[str, Any] = {"rid": self._rid, "ok": True, "shape": shape}
+        if self._works[0].batch:
+            header["batch"] = self._works[0].batch
+        return ipc.pack(header, raw)
 
 
 def device_main(config: DeviceConfig, ready: Any) -> None:
@@ -464,15 +466,19 @@ def device_main(config: DeviceConfig, ready: Any) -> None:
             residents[spec.name] = _Resident(spec, impl, report, slot, board, choice.device)
         server = DeviceServer(residents, config.address, board, settings, choice.device)
         from workers.observability import telemetry
+        from workers.process.group_probes import start_process_metrics_server
 
         identity = device_identity(choice.device)
-        device_telemetry = telemetry.setup_worker(choice.device, device_name=identity["name"])
+        device_telemetry = telemetry.setup_device(
+            choice.device, models={name: r.spec.kind.value for name, r in residents.items()},
+            device_name=identity["name"])
+        metrics_port = start_process_metrics_server() or 0
     except BaseException as exc:  # noqa: BLE001 - report why, then exit: the launcher stops the group
         ready.send({"ok": False, "error": f"{type(exc).__name__}: {exc}"})
         board.set_device(State.FAILED)
         log.error("device process cannot start: %s: %s", type(exc).__name__, exc)
         raise SystemExit(3) from None
-    board.set_device(State.READY)
+    board.set_device(State.READY, metrics_port=metrics_port)
     ready.send({"ok": True, "device": choice.device, "identity": identity,
                 "cards": [resident.card() for resident in residents.values()]})
     try:

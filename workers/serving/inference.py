@@ -85,6 +85,8 @@ def _rows(runtime: ConsumerRuntime, card: ModelCard, header: dict[str, Any], pay
                                             "trace": context.traceparent, "isolate": context.isolate, **header},
                                            payloads)
     _raise_for(reply)
+    if reply.get("batch"):
+        telemetry.link_to_batch(reply["batch"])
     rows = ipc.decode_matrix(reply["shape"], frames[0])
     if not np.isfinite(rows).all():
         raise JobFailedError(ErrorCode.MODEL_ERROR.value,
@@ -94,9 +96,9 @@ def _rows(runtime: ConsumerRuntime, card: ModelCard, header: dict[str, Any], pay
 
 
 def _tokenise(runtime: ConsumerRuntime, card: ModelCard, texts: list[str]) -> tuple[bytes, bytes]:
-    with telemetry.tokenize_span(card.name, len(texts)) as span:
+    with telemetry.tokenize_span(card.name, card.kind.value, len(texts)) as span:
         id_lists = runtime.encoder(card).encode(texts)
-        span.record_tokens(id_lists)
+        telemetry.record_tokens(span, id_lists)
     return ipc.encode_tokens(id_lists)
 
 

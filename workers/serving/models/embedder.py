@@ -148,7 +148,7 @@ class Embedder:
             with telemetry.forward_span(self.spec.name, "embed", self.device, self.dtype,
                                         (len(id_lists), longest)) as span:
                 pooled = self._forward_exact(id_lists)
-                span.record_embedding_norms(pooled)
+                telemetry.record_embedding_norms(span, pooled)
             return list(pooled.unbind(0))
         rows = bucket_for(len(id_lists), self.batch_buckets)
         cols = bucket_for(longest, self.seq_buckets)
@@ -159,7 +159,7 @@ class Embedder:
                 pooled = self._replay(graph, id_lists, rows, cols)
             else:
                 pooled = self._forward_padded(id_lists, rows or len(id_lists), cols or self.max_seq_len)
-            span.record_embedding_norms(pooled)
+            telemetry.record_embedding_norms(span, pooled)
         return list(pooled.unbind(0))
 
     def embed(self, texts: list[str], normalize: bool = True) -> list[list[float]]:

@@ -186,14 +186,18 @@ def test_failed_job_is_traced_with_its_error_code(scenario):
 
 
 def test_resources_name_service_version_instance_host_framework_device(scenario):
-    worker = scenario.spans("run/fleet.embed")[0].resource
+    consumer = scenario.spans("run/fleet.embed")[0].resource  # a consumer process: no torch there
+    device = scenario.spans("fleet.forward")[0].resource  # the device process
     producer = scenario.spans("apply_async/fleet.embed")[0].resource
-    for resource in (worker, producer):
+    for resource in (consumer, device, producer):
         for key in ("service.version", "service.instance.id", "host.name"):
             assert resource.get(key), (key, resource)
-    assert worker["deployment.environment"] == "test"
-    assert worker["ml.framework.name"] == "pytorch" and worker["ml.framework.version"]
-    assert worker["ml.device"] == "cpu" and worker["fleet.models"] == ["minilm"]
+    assert consumer["service.instance.id"] != device["service.instance.id"]
+    assert consumer["deployment.environment"] == device["deployment.environment"] == "test"
+    assert device["ml.framework.name"] == "pytorch" and device["ml.framework.version"]
+    assert "ml.framework.name" not in consumer
+    for worker in (consumer, device):
+        assert worker["ml.device"] == "cpu" and worker["fleet.models"] == ["minilm"]
     assert producer["service.name"] == "fleet-producer-test" and "ml.framework.name" not in producer
 
 

@@ -5,11 +5,10 @@ from __future__ import annotations
 from celery import Celery
 
 from producer.celery_config import celery_config
-from workers.queue import consumer_guard, redis_patches
+from workers.queue import redis_patches
 from workers.settings import WorkerSettings
 
 redis_patches.install()  # busy workers must ride out Redis restarts and failovers (see the module)
-consumer_guard.install()  # a malformed task header fails its job, not the worker
 
 
 def worker_config(settings: WorkerSettings) -> dict:
@@ -17,6 +16,8 @@ def worker_config(settings: WorkerSettings) -> dict:
 
     Late acks with reject-on-worker-lost: a job whose worker dies returns to the queue.
     Prefetch 1: jobs stay in the Redis list (visible to autoscalers) until a thread is free.
+    Consumer: every message it cannot run is refused and
+    answered instead of ending the worker (``workers/queue/wire_guard.py``).
     """
     config = celery_config(settings)
     config.update({
@@ -35,6 +36,7 @@ def worker_config(settings: WorkerSettings) -> dict:
         "result_backend_base_sleep_between_retries_ms": 50,
         "result_backend_max_sleep_between_retries_ms": 2000,
         "imports": ("workers.queue.tasks", "workers.queue.training_task"),
+        "worker_consumer": "workers.queue.wire_guard:GuardedConsumer",
     })
     return config
 

@@ -16,10 +16,16 @@ from producer import keys
 
 
 def dead_letter(client: redis.Redis, job_id: str, *, task: str, queue: str, payload: Any, reason: str,
-                attempts: int) -> dict[str, Any]:
-    """Record a dead job; return the entry written."""
+                attempts: int, message: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Record a dead job; return the entry written.
+
+    ``payload`` is the request object (None when none could be read); ``message``, for a message the
+    worker refused (``invalid_message``), describes its framing and the start of its body.
+    """
     entry = {"job_id": job_id, "task": task, "queue": queue, "payload": payload, "reason": reason,
              "attempts": attempts, "at": time.time()}
+    if message is not None:
+        entry["message"] = message
     client.hset(keys.DEAD_LETTERS, job_id, json.dumps(entry))
     return entry
 

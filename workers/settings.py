@@ -40,6 +40,8 @@ class WorkerSettings(FleetSettings):
     #: A heartbeat older than this many intervals means the worker is gone.
     heartbeat_ttl_intervals: int = Field(5, ge=2)
     log_level: str = "INFO"
+    #: Store the worker's traceback (file paths included) with every failed job (``FLEET_DEBUG_ERRORS=1``).
+    debug_errors: bool = False
     #: Where training writes checkpoints and final models (a shared volume in production).
     artifact_dir: Path = Path("var/artifacts")
     hostname: str = Field(default_factory=lambda: os.environ.get("HOSTNAME") or socket.gethostname())

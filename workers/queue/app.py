@@ -6,9 +6,11 @@ from celery import Celery
 
 from producer.celery_config import celery_config
 from workers.queue import redis_patches
+from workers.queue.result_backend import DEBUG_ERRORS_KEY, STRICT_JSON, register_strict_json, result_backend_setting
 from workers.settings import WorkerSettings
 
 redis_patches.install()  # busy workers must ride out Redis restarts and failovers (see the module)
+register_strict_json()  # the result serializer below: no NaN or infinity reaches Redis
 
 
 def worker_config(settings: WorkerSettings) -> dict:
@@ -16,7 +18,8 @@ def worker_config(settings: WorkerSettings) -> dict:
 
     Late acks with reject-on-worker-lost: a job whose worker dies returns to the queue.
     Prefetch 1: jobs stay in the Redis list (visible to autoscalers) until a thread is free.
-    Consumer: every message it cannot run is refused and
+    Results: strict JSON, and no worker tracebacks unless ``FLEET_DEBUG_ERRORS`` is on
+    (``workers/queue/result_backend.py``). Consumer: every message it cannot run is refused and
     answered instead of ending the worker (``workers/queue/wire_guard.py``).
     """
     config = celery_config(settings)
@@ -36,6 +39,9 @@ def worker_config(settings: WorkerSettings) -> dict:
         "result_backend_base_sleep_between_retries_ms": 50,
         "result_backend_max_sleep_between_retries_ms": 2000,
         "imports": ("workers.queue.tasks", "workers.queue.training_task"),
+        "result_backend": result_backend_setting(settings.redis_url),
+        "result_serializer": STRICT_JSON,
+        DEBUG_ERRORS_KEY: settings.debug_errors,
         "worker_consumer": "workers.queue.wire_guard:GuardedConsumer",
     })
     return config

@@ -17,6 +17,7 @@ from producer.contract import (
     LabelScore,
 )
 from workers.observability import telemetry
+from workers.serving.finite_outputs import require_finite
 from workers.serving.runtime import ResidentModel
 
 #: Generation polls for cancellation once every this many tokens (one Redis EXISTS each).
@@ -41,6 +42,7 @@ def embed(resident: ResidentModel, request: EmbedRequest, context=None) -> Embed
     futures = resident.batcher.submit(id_lists, costs=[len(ids) for ids in id_lists],
                                       context=telemetry.current_span_context())
     pooled = [future.result() for future in futures]
+    require_finite(pooled, "embedding", request.model)
     impl = resident.impl
     if request.encoding == "base64":
         return EmbedResult(model=request.model, device=impl.device, dim=impl.dim, encoding="base64",
@@ -66,9 +68,10 @@ def classify(resident: ResidentModel, request: ClassifyRequest, context=None) ->
                              f"model {request.model!r} classifies {impl.input_kind}, not "
                              f"{'texts' if request.texts is not None else 'inputs'}")
     futures = resident.batcher.submit(items, costs=costs, context=telemetry.current_span_context())
+    outputs = [future.result() for future in futures]
+    require_finite(outputs, "score", request.model)
     predictions = []
-    for future in futures:
-        probabilities = future.result()
+    for probabilities in outputs:
         top = probabilities.topk(min(request.top_k, len(impl.labels)))
         predictions.append([LabelScore(label=impl.labels[i], score=float(s))
                             for s, i in zip(top.values.tolist(), top.indices.tolist())])

@@ -14,6 +14,7 @@ from producer.contract import TASK_TRAIN, ErrorCode, TrainRequest
 from producer.contract.training import TrainKind
 from producer.errors import JobFailedError
 from workers.serving import runtime as runtime_module
+from workers.serving.registry import load_registry
 from workers.queue.app import app
 from workers.queue.tasks import FleetRequest, JobContext, parse_payload, refuse_bad_headers
 
@@ -27,11 +28,50 @@ PROGRESS_INTERVAL_S = 1.0
 _KIND_SERVES = {TrainKind.MLP: "classify", TrainKind.CNN: "classify", TrainKind.CAUSAL_LM: "generate"}
 
 
+def registry_entry(kind: TrainKind, model_directory: str | Path) -> dict:
+    """The ``fleet:trained-models`` entry that serves the model in ``model_directory``."""
+    return {"kind": _KIND_SERVES[kind], "source": f"dir:{Path(model_directory).resolve()}", "max_batch_size": 64,
+            "max_wait_ms": 2, "max_seq_len": 512}
+
+
+def own_registry_entry(store, job_id: str, kind: TrainKind) -> dict | None:
+    """The entry this job registers, if its final model already exists (a redelivery after it finished)."""
+    try:
+        return registry_entry(kind, store.model_directory(job_id))
+    except FileNotFoundError:
+        return None
+
+
+def refuse_taken_name(context: JobContext, registry_path: Path, name: str, own_entry: dict | None) -> None:
+    """Fail the job with ``model_name_taken`` if ``name`` is already a model: in this worker's registry file,
+    in ``fleet:trained-models`` (unless this very job registered it: ``own_entry``) or in the catalog of
+    served models. Checked before training, so that no compute is spent on a model that could not be served.
+    """
+    trained = context.redis.hget(keys.TRAINED_MODELS, name)
+    if trained is not None:
+        holder = None if own_entry is not None and json.loads(trained) == own_entry else "a finished training job"
+    elif name in load_registry(registry_path):
+        holder = "the worker's model registry file"
+    elif context.redis.hexists(keys.CATALOG, name):
+        holder = "a serving worker's registry (the model catalog)"
+    else:
+        holder = None
+    if holder is not None:
+        raise JobFailedError(ErrorCode.MODEL_NAME_TAKEN.value,
+                             f"register_as {name!r} is taken: {holder} already registered a model of that name; "
+                             "choose another name", {"register_as": name, "held_by": holder})
+
+
 def register_trained_model(context: JobContext, name: str, kind: TrainKind, artifact: str) -> dict:
-    """Publish a registry entry for the finished model; workers started with ``--models name`` load it."""
-    entry = {"kind": _KIND_SERVES[kind], "source": f"dir:{Path(artifact).resolve()}", "max_batch_size": 64,
-             "max_wait_ms": 2, "max_seq_len": 512}
-    context.redis.hset(keys.TRAINED_MODELS, name, json.dumps(entry))
+    """Publish a registry entry for the finished model, unless another job took ``name`` meanwhile
+    (``model_name_taken``; the model stays in the artifact store). Workers started with ``--models name`` load it."""
+    entry = registry_entry(kind, artifact)
+    if not context.redis.hsetnx(keys.TRAINED_MODELS, name, json.dumps(entry)):
+        if json.loads(context.redis.hget(keys.TRAINED_MODELS, name)) != entry:
+            raise JobFailedError(ErrorCode.MODEL_NAME_TAKEN.value,
+                                 f"register_as {name!r} was registered by another job while this one trained; "
+                                 "its model is kept in the artifact store under this job's id",
+                                 {"register_as": name, "held_by": "a finished training job"})
     log.info("registered trained model %s (%s) from %s", name, entry["kind"], artifact)
     return entry
 
@@ -51,6 +91,9 @@ def train_task(self, *args, **kwargs) -> dict:
     if context.cancelled():
         context.stop_as_cancelled()
     store = LocalDirectoryStore(runtime.settings.artifact_dir)
+    if request.register_as:
+        refuse_taken_name(context, runtime.settings.model_registry, request.register_as,
+                          own_registry_entry(store, context.job_id, request.kind))
 
     def report(progress) -> None:
         self.update_state(state="PROGRESS", meta=progress.model_dump(mode="json"))

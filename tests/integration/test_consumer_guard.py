@@ -117,3 +117,26 @@ def test_a_valid_raw_message_still_runs(sender, redis_client, embed_worker):
     meta = final_meta(redis_client, job_id, timeout_s=60)
     assert meta is not None and meta["status"] == "SUCCESS", meta
     assert meta["result"]["dim"] == 384 and dead_letter(redis_client, job_id) is None
+
+
+#: Queue items that no kombu producer writes (a raw LPUSH): kombu's transport fails on them before any consumer.
+NOT_ENVELOPES = {
+    "not JSON": b"hello",  # ended the worker
+    "a JSON array": b"[1, 2]",  # ended the worker
+    "an object without properties": b'{"body": "x"}',  # a KeyError: the consumer reconnected, the item was lost
+    "properties without a delivery tag": b'{"properties": {}, "headers": {}, "body": ""}',
+}
+
+
+@pytest.mark.parametrize("case", list(NOT_ENVELOPES))
+def test_a_queue_item_that_is_not_a_message_is_dead_lettered_and_the_worker_serves_on(case, redis_client,
+                                                                                        embed_worker, client):
+    before = set(redis_client.hkeys("fleet:dlq"))
+    redis_client.lpush(QUEUE, NOT_ENVELOPES[case])
+    new = wait_for(lambda: set(redis_client.hkeys("fleet:dlq")) - before, 30, "a dead-letter entry")
+    entry = dead_letter(redis_client, new.pop().decode())
+    assert entry["job_id"].startswith(UNNAMED_PREFIX)
+    assert entry["reason"].startswith("invalid_message: the queue item is not a kombu message envelope")
+    assert embed_worker.alive()
+    assert client.embed(["the worker still serves"]).result(timeout=60).dim == 384
+    assert "Connection to broker lost" not in embed_worker.log()

@@ -5,11 +5,12 @@ from __future__ import annotations
 from celery import Celery
 
 from producer.celery_config import celery_config
-from workers.queue import redis_patches
+from workers.queue import envelope_guard, redis_patches
 from workers.queue.result_backend import DEBUG_ERRORS_KEY, STRICT_JSON, register_strict_json, result_backend_setting
 from workers.settings import WorkerSettings
 
 redis_patches.install()  # busy workers must ride out Redis restarts and failovers (see the module)
+envelope_guard.install()  # a queue item that is not a kombu message is dead-lettered, not fatal
 register_strict_json()  # the result serializer below: no NaN or infinity reaches Redis
 
 

@@ -79,9 +79,11 @@ _BOUNDED_REPR = _bounded_repr()
 
 
 def excerpt(value: Any) -> str:
-    """``value`` as at most ``EXCERPT_CHARS`` characters of text: bytes read as UTF-8 (bad bytes escaped),
-    anything else as a ``repr`` bounded in depth, so that any decoded body can be quoted."""
-    if isinstance(value, (bytes, bytearray)):
+    """``value`` as at most ``EXCERPT_CHARS`` characters of text: a string itself, bytes read as UTF-8 (bad
+    bytes escaped), anything else as a ``repr`` bounded in depth, so that any decoded body can be quoted."""
+    if isinstance(value, str):
+        text = value
+    elif isinstance(value, (bytes, bytearray)):
         text = value[:EXCERPT_CHARS * 4].decode("utf-8", "backslashreplace")
     else:
         text = _BOUNDED_REPR.repr(value)
@@ -115,8 +117,8 @@ def read_task_message(message: Any, known_tasks: Collection[str]) -> TaskMessage
         return read.refuse(f"the message headers are {json_type(headers)}, not an object")
     job_id, task = headers.get("id"), headers.get("task")
     if message.content_type != JSON_CONTENT_TYPE:
-        return read.refuse(f"content type {message.content_type!r} is not {JSON_CONTENT_TYPE!r}: Fleet reads JSON "
-                           "only", content_type=excerpt(message.content_type))
+        return read.refuse(f"content type {excerpt(message.content_type)!r} is not {JSON_CONTENT_TYPE!r}: Fleet "
+                           "reads JSON only")
     try:
         read.body = message.decode()
     except Exception as exc:  # noqa: BLE001 - kombu wraps every decoder failure; any of them refuses the message
@@ -129,7 +131,7 @@ def read_task_message(message: Any, known_tasks: Collection[str]) -> TaskMessage
     if read.task is None:
         return read.refuse(f"the task header is {json_type(task)}, not a task name", task=excerpt(task))
     if read.task not in known_tasks:
-        return read.refuse(f"unknown task {excerpt(read.task)}", known=sorted(known_tasks))
+        return read.refuse(f"unknown task {excerpt(read.task)!r}", known=sorted(known_tasks))
     if "id" not in headers:
         return read.refuse("no id header: the message names no job")
     if read.job_id is None:
@@ -159,7 +161,7 @@ def _check_body(read: TaskMessage) -> TaskMessage:
         return read.refuse(f"embed (the body's third item) is {json_type(embed)}, not an object or null")
     unknown = sorted(embed.keys() - EMBED_FIELDS.keys())
     if unknown:
-        return read.refuse(f"embed holds {', '.join(map(excerpt, unknown))}; it may hold only "
+        return read.refuse(f"embed holds {', '.join(repr(excerpt(name)) for name in unknown)}; it may hold only "
                            f"{', '.join(EMBED_FIELDS)}")
     for name, kind in EMBED_FIELDS.items():
         value = embed.get(name)

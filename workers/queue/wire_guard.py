@@ -16,7 +16,8 @@ serializer, bad compression) it drops with a log line: no result, so the sender 
   and what was wrong, the message goes to the dead-letter list (keyed by its job id, or by a
   generated ``invalid-<uuid>`` when it has none), and only then is it acknowledged. If Redis
   fails on the way, the message stays unacknowledged and is refused again on redelivery;
-- a broker connection error still propagates, so that Celery reconnects as it always does.
+- a broker connection error still propagates, so that Celery reconnects as it always does
+  (``is_connection_error``).
 
 It relies on how Celery 5.7 builds its task handler (``Consumer.create_task_handler``) and
 calls ``on_decode_error``, so it refuses to start on a Celery or kombu outside the tested
@@ -71,6 +72,16 @@ def require_tested_versions(versions: dict[str, str] | None = None) -> None:
                 "widen TESTED_VERSIONS")
 
 
+def is_connection_error(exc: Exception, connection_errors: tuple) -> bool:
+    """True if ``exc`` is a broker connection error, on which Celery reconnects and the message stays unacked.
+
+    kombu counts ``KeyError`` among the Redis transport's connection errors (for a stale socket after a
+    broker restart), but a ``KeyError`` raised while a message is read comes from the message: counted as a
+    connection error, the consumer would reconnect and read the same message again, without end.
+    """
+    return isinstance(exc, connection_errors) and not isinstance(exc, KeyError)
+
+
 class GuardedConsumer(Consumer):
     """Celery's worker consumer that refuses, and answers, every message it cannot run (module docstring)."""
 
@@ -89,9 +100,9 @@ class GuardedConsumer(Consumer):
                 return self.refuse(message, read)
             try:
                 return celery_handler(message)
-            except self.connection_errors:
-                raise
             except Exception as exc:  # noqa: BLE001 - nothing a message holds may end the consumer
+                if is_connection_error(exc, self.connection_errors):
+                    raise
                 log.exception("Celery could not take message of job %s", read.job_id)
                 return self.refuse(message, read.refuse(f"the worker could not take this message: "
                                                         f"{type(exc).__name__}: {excerpt(str(exc))}"))
@@ -104,16 +115,16 @@ class GuardedConsumer(Consumer):
                                          f"{excerpt(str(exc))}"))
 
     def refuse(self, message, read: TaskMessage) -> None:
-        """Answer ``read.job_id`` with FAILURE ``invalid_message``, dead-letter the message, then acknowledge it."""
+        """Dead-letter the message, answer ``read.job_id`` with FAILURE ``invalid_message``, then acknowledge it."""
         backend = self.app.backend
-        details = {"problem": read.problem, **read.details}
-        if read.job_id is not None:
-            backend.store_result(read.job_id, JobFailedError(ErrorCode.INVALID_MESSAGE.value, read.problem, details),
-                                 states.FAILURE)
         entry_id = read.job_id or f"{UNNAMED_PREFIX}{uuid.uuid4()}"
         dead_letter(backend.client, entry_id, task=read.task or "", queue=_routing_key(message),
                     payload=_json_safe(read.request_object()), reason=f"invalid_message: {read.problem}", attempts=1,
                     message=_message_summary(message))
+        if read.job_id is not None:  # after the dead letter: whoever sees the answer finds the entry too
+            details = {"problem": read.problem, **read.details}
+            backend.store_result(read.job_id, JobFailedError(ErrorCode.INVALID_MESSAGE.value, read.problem, details),
+                                 states.FAILURE)
         log.error("refused message %s (task %s): %s", entry_id, read.task, read.problem)
         if not message.acknowledged:
             message.ack_log_error(log, self.connection_errors)

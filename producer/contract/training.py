@@ -155,9 +155,10 @@ class TrainResult(WireModel):
     loss of every optimizer step, from step 1 (resumed runs include the steps done before
     the interruption), while ``steps`` is at most ``MAX_LOSS_CURVE_POINTS``; past that, each
     point is the mean of ``s = ceil(steps / MAX_LOSS_CURVE_POINTS)`` consecutive steps (point
-    ``i`` covers steps ``i*s + 1`` to ``min((i+1)*s, steps)``). ``artifact`` is the location of the final model directory; for a
-    cancelled job, which has no final model, it is the location of the checkpoint written
-    on cancel, and ``metrics`` holds only ``val_loss_start`` and ``train_seconds``.
+    ``i`` covers steps ``i*s + 1`` to ``min((i+1)*s, steps)``). ``artifact`` is the location of
+    the final model directory; for a cancelled job, which has no final model, it is the
+    location of the checkpoint written on cancel, and ``metrics`` holds only
+    ``val_loss_start`` and ``train_seconds``.
     """
 
     kind: TrainKind

@@ -8,14 +8,16 @@ the next ones were dropped with a log line and no result.
 from __future__ import annotations
 
 import json
+import os
 import pickle
+import subprocess
 import uuid
 
 import pytest
 import yaml
 
 from producer.contract import ErrorCode, inference_queue
-from tests.support.fleet_processes import wait_for
+from tests.support.fleet_processes import fleet_executable, wait_for
 from tests.support.raw_messages import GOOD_EMBED_BODY, RawSender, dead_letter, final_meta, task_headers
 from workers.queue.wire_guard import UNNAMED_PREFIX
 
@@ -49,7 +51,8 @@ CASES = {
     "text/plain": (GOOD_EMBED_BODY, "text/plain", {}, "content type 'text/plain'"),
     "invalid UTF-8": (b'[[{"texts": ["\xff\xfe"]}], {}, null]', JSON, {}, "not valid UTF-8 JSON"),
     "100k-deep nesting": (b"[" * 100_000 + b"]" * 100_000, JSON, {}, "not valid UTF-8 JSON"),
-    "kwargs given as a string": (body([[REQUEST], "texts", None]), JSON, {}, "kwargs (the body's second item) is a string"),
+    "kwargs given as a string": (body([[REQUEST], "texts", None]), JSON, {},
+                                 "kwargs (the body's second item) is a string"),
     "a compression header the body does not match": (GOOD_EMBED_BODY, JSON, {"compression": "application/x-gzip"},
                                                      "cannot be decoded"),
     # Found while building the guard.
@@ -98,7 +101,13 @@ def test_a_message_the_worker_cannot_run_is_answered_and_dead_lettered(case, sen
     assert client.embed(["the worker still serves"]).result(timeout=60).dim == 384
 
 
-def test_a_message_without_a_job_id_is_dead_lettered_under_a_generated_id(sender, redis_client, embed_worker):
+def fleet_dlq(redis_url: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*fleet_executable(), "dlq", *args], env={**os.environ, "REDIS_URL": redis_url},
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_a_message_without_a_job_id_is_dead_lettered_under_a_generated_id(sender, redis_url, redis_client,
+                                                                          embed_worker):
     before = set(redis_client.hkeys("fleet:dlq"))
     publish(sender, "a JSON object instead of the protocol-2 array", job_id=None)
     new = wait_for(lambda: set(redis_client.hkeys("fleet:dlq")) - before, 30, "a dead-letter entry")
@@ -107,7 +116,10 @@ def test_a_message_without_a_job_id_is_dead_lettered_under_a_generated_id(sender
     assert entry_id.startswith(UNNAMED_PREFIX)
     entry = dead_letter(redis_client, entry_id)
     assert entry["reason"] == "invalid_message: no id header: the message names no job"
-    assert entry["payload"] == REQUEST  # the request the sender meant, ready for `fleet dlq retry`
+    assert entry["payload"] == REQUEST  # the request the sender meant: `fleet dlq retry` sends it, framed right
+    assert fleet_dlq(redis_url, "retry", entry_id).returncode == 0
+    meta = final_meta(redis_client, entry_id, timeout_s=60)
+    assert meta["status"] == "SUCCESS" and meta["result"]["dim"] == 384
     assert embed_worker.alive()
 
 
@@ -129,7 +141,7 @@ NOT_ENVELOPES = {
 
 
 @pytest.mark.parametrize("case", list(NOT_ENVELOPES))
-def test_a_queue_item_that_is_not_a_message_is_dead_lettered_and_the_worker_serves_on(case, redis_client,
+def test_a_queue_item_that_is_not_a_message_is_dead_lettered_and_the_worker_serves_on(case, redis_url, redis_client,
                                                                                         embed_worker, client):
     before = set(redis_client.hkeys("fleet:dlq"))
     redis_client.lpush(QUEUE, NOT_ENVELOPES[case])
@@ -137,6 +149,9 @@ def test_a_queue_item_that_is_not_a_message_is_dead_lettered_and_the_worker_serv
     entry = dead_letter(redis_client, new.pop().decode())
     assert entry["job_id"].startswith(UNNAMED_PREFIX)
     assert entry["reason"].startswith("invalid_message: the queue item is not a kombu message envelope")
+    retried = fleet_dlq(redis_url, "retry", entry["job_id"])  # nothing to re-send: refused, the entry is kept
+    assert retried.returncode == 1 and "no task, queue or request" in retried.stderr
+    assert dead_letter(redis_client, entry["job_id"]) == entry
     assert embed_worker.alive()
     assert client.embed(["the worker still serves"]).result(timeout=60).dim == 384
     assert "Connection to broker lost" not in embed_worker.log()

@@ -1,4 +1,4 @@
-"""The message guard patches how Celery's consumer takes messages: it refuses Celery/kombu versions it was not tested on."""
+"""The message guards depend on Celery/kombu internals: they refuse versions they were not tested on."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""Wire fuzzing: hypothesis-made raw messages, sent with a plain Celery ``send_task`` to one real worker.
+"""Wire fuzzing: hypothesis-made messages against real workers, at two levels.
 
-The worker is the session's ``fleet worker --device cpu --models minilm`` (tests/conftest.py), started as
+1. Celery-framed messages, sent with a plain Celery ``send_task`` (below). The worker is the session's ``fleet worker --device cpu --models minilm`` (tests/conftest.py), started as
 a user starts it; messages go to its queue with the task names of docs/PROTOCOL.md, bypassing every
 client-side check: malformed arguments and keyword arguments, wrong types, missing and unknown fields,
 long strings (bounded), odd protocol versions, bad headers and priorities. Each message must end in a
@@ -9,10 +9,11 @@ already past, otherwise FAILURE with a ``JobFailedError`` carrying the Fleet err
 rules predict. Never a hang, a lost message, an untyped error or a dead worker; after the run the worker
 computes a valid embed job exactly as before.
 
-Out of scope, because Celery reads them before any Fleet code runs: the ``id`` and ``task`` headers (they
-name the job and its task; a ``task`` header that is not a string is covered by tests/integration/test_consumer_guard.py),
-``ignore_result`` (asks for no result), and a keyword argument named ``self`` (it collides with Celery's own
-call wrapper and fails with an untyped TypeError).
+Left to part 2: the ``id`` and ``task`` headers and the keyword argument ``self``; and out of scope
+``ignore_result`` (it asks for no result).
+
+2. Raw kombu messages (``test_no_raw_message_ends_a_supervised_worker_or_goes_unanswered``): body bytes,
+content types, content encodings and headers as any producer could send them, to a worker under ``fleet up``.
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ serializer registry is global); it is idempotent.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import orjson
@@ -25,6 +26,8 @@ from kombu.utils import json as kombu_json
 
 _OPTIONS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
 _TYPE_MARKER = b'"__type__"'
+#: kombu serializer name of strict JSON: ``dumps_strict``, content type ``application/json``.
+STRICT_JSON = "fleet-strict-json"
 
 
 def _default(value: Any) -> Any:
@@ -44,6 +47,26 @@ def dumps(value: Any) -> bytes:
         return kombu_json.dumps(value).encode()
 
 
+def dumps_strict(value: Any) -> bytes:
+    """``dumps``, but a NaN or an infinity anywhere in ``value`` raises ``ValueError`` instead of being
+    written (orjson would write ``null``; ``NaN`` is not JSON). Objects with ``__json__`` are trusted
+    to be finite (the worker checks the arrays it wraps so)."""
+    _require_finite(value)
+    return dumps(value)
+
+
+def _require_finite(value: Any) -> None:
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"Out of range float values are not JSON compliant: {value!r}")
+    elif isinstance(value, dict):
+        for item in value.values():
+            _require_finite(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            _require_finite(item)
+
+
 def loads(data: bytes | bytearray | memoryview | str) -> Any:
     """Inverse of ``dumps``; accepts whatever kombu's JSON reader accepts."""
     if isinstance(data, (memoryview, bytearray)):
@@ -58,5 +81,7 @@ def loads(data: bytes | bytearray | memoryview | str) -> Any:
 
 
 def install() -> None:
-    """Make kombu's ``json`` serializer (and so Celery's) use ``dumps``/``loads`` in this process."""
+    """Make kombu's ``json`` serializer (and so Celery's) use ``dumps``/``loads`` in this process, and
+    register ``STRICT_JSON`` (workers store results with it; readers decode it as ``application/json``)."""
     serialization.register("json", dumps, loads, content_type="application/json", content_encoding="utf-8")
+    serialization.register(STRICT_JSON, dumps_strict, None, content_type="application/json", content_encoding="utf-8")

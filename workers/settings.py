@@ -46,6 +46,8 @@ class WorkerSettings(FleetSettings):
     #: One device batch may run this long before the worker is unlive (a stuck device thread).
     device_stall_s: float = Field(300.0, gt=0)
     log_level: str = "INFO"
+    #: Store the worker's traceback (file paths included) with every failed job (``FLEET_DEBUG_ERRORS=1``).
+    debug_errors: bool = False
     #: Where training writes checkpoints and final models (a shared volume in production).
     artifact_dir: Path = Path("var/artifacts")
     hostname: str = Field(default_factory=lambda: os.environ.get("HOSTNAME") or socket.gethostname())

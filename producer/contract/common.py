@@ -111,6 +111,10 @@ class ErrorCode(str, Enum):
     """Machine-readable reason a job failed. Stable: clients branch on these."""
 
     INVALID_INPUT = "invalid_input"
+    #: The message itself (framing, content type, encoding, body shape) is not one a worker can run.
+    INVALID_MESSAGE = "invalid_message"
+    #: ``register_as`` names a model the registry already holds.
+    MODEL_NAME_TAKEN = "model_name_taken"
     UNKNOWN_MODEL = "unknown_model"
     WRONG_MODEL_KIND = "wrong_model_kind"
     UNSUPPORTED_PROTOCOL = "unsupported_protocol"

@@ -26,9 +26,12 @@ from pydantic import (
 from producer.contract.common import MODEL_NAME_PATTERN, PROTOCOL_VERSION, WireModel
 
 __all__ = [
-    "TrainKind", "Precision", "DATASETS_FOR_KIND", "DEFAULTS_FOR_KIND",
+    "TrainKind", "Precision", "DATASETS_FOR_KIND", "DEFAULTS_FOR_KIND", "MAX_LOSS_CURVE_POINTS",
     "TrainRequest", "TrainProgress", "TrainResult",
 ]
+
+#: A ``TrainResult.loss_curve`` holds at most this many points (see ``TrainResult``).
+MAX_LOSS_CURVE_POINTS = 1000
 
 
 class TrainKind(str, Enum):
@@ -150,9 +153,12 @@ class TrainResult(WireModel):
     same before the first step) for every kind, ``accuracy`` (0..1) for the classifiers,
     and ``train_seconds`` (wall time of this run). ``loss_curve`` holds the mean training
     loss of every optimizer step, from step 1 (resumed runs include the steps done before
-    the interruption). ``artifact`` is the location of the final model directory; for a
-    cancelled job, which has no final model, it is the location of the checkpoint written
-    on cancel, and ``metrics`` holds only ``val_loss_start`` and ``train_seconds``.
+    the interruption), while ``steps`` is at most ``MAX_LOSS_CURVE_POINTS``; past that, each
+    point is the mean of ``s = ceil(steps / MAX_LOSS_CURVE_POINTS)`` consecutive steps (point
+    ``i`` covers steps ``i*s + 1`` to ``min((i+1)*s, steps)``). ``artifact`` is the location of
+    the final model directory; for a cancelled job, which has no final model, it is the
+    location of the checkpoint written on cancel, and ``metrics`` holds only
+    ``val_loss_start`` and ``train_seconds``.
     """
 
     kind: TrainKind

@@ -1,4 +1,4 @@
-"""A plain Celery client that knows only docs/PROTOCOL.md gets correct results."""
+"""A plain Celery client that knows only docs/PROTOCOL.md gets correct results, reads errors and cancels jobs."""
 
 from __future__ import annotations
 
@@ -33,4 +33,4 @@ def test_documented_plain_celery_client_works(embed_worker, redis_url):
         completed = subprocess.run([sys.executable, "-P", str(script)], cwd=empty_dir, env=env,
                                    capture_output=True, text=True, timeout=120)
     assert completed.returncode == 0, completed.stderr
-    assert completed.stdout.split() == ["minilm", "384", "2", "invalid_input"]
+    assert completed.stdout.split() == ["minilm", "384", "2", "invalid_input", "cancelled"]

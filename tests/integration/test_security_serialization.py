@@ -11,6 +11,7 @@ import pytest
 from kombu import Connection, Exchange, Producer
 
 from producer.contract import TASK_EMBED, inference_queue
+from tests.support.raw_messages import final_meta, task_headers
 
 pytestmark = pytest.mark.integration
 
@@ -32,8 +33,7 @@ def publish_raw(redis_url: str, body, serializer: str) -> str:
     job_id = str(uuid.uuid4())
     with Connection(redis_url) as connection:
         producer = Producer(connection.channel(), exchange=Exchange(QUEUE, type="direct"), routing_key=QUEUE)
-        producer.publish(body, serializer=serializer, headers={"lang": "py", "task": TASK_EMBED, "id": job_id,
-                                                               "root_id": job_id, "argsrepr": "", "kwargsrepr": ""})
+        producer.publish(body, serializer=serializer, headers=task_headers(job_id, TASK_EMBED))
     return job_id
 
 
@@ -50,6 +50,9 @@ def test_non_json_message_is_refused_and_not_executed(serializer, tmp_path, redi
     while redis_client.llen(QUEUE) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not marker.exists(), "the pickle payload was executed"
-    assert redis_client.get(f"celery-task-meta-{job_id}") is None, "a refused message must not run"
+    # Refused, never decoded, and answered (docs/PROTOCOL.md, invalid_message) so that its sender does not wait forever.
+    meta = final_meta(redis_client, job_id)
+    assert meta["status"] == "FAILURE" and meta["result"]["exc_message"][0] == "invalid_message"
+    assert "Fleet reads JSON only" in meta["result"]["exc_message"][1]
     assert embed_worker.alive()
-    assert "ContentDisallowed" in embed_worker.log() or "disallowed" in embed_worker.log().lower()
+    assert f"refused message {job_id}" in embed_worker.log()

@@ -1,6 +1,6 @@
-"""Wire fuzzing: hypothesis-made raw messages, sent with a plain Celery ``send_task`` to one real worker.
+"""Wire fuzzing: hypothesis-made messages against real workers, at two levels.
 
-The worker is the session's ``fleet worker --device cpu --models minilm`` (tests/conftest.py), started as
+1. Celery-framed messages, sent with a plain Celery ``send_task`` (below). The worker is the session's ``fleet worker --device cpu --models minilm`` (tests/conftest.py), started as
 a user starts it; messages go to its queue with the task names of docs/PROTOCOL.md, bypassing every
 client-side check: malformed arguments and keyword arguments, wrong types, missing and unknown fields,
 long strings (bounded), odd protocol versions, bad headers and priorities. Each message must end in a
@@ -9,25 +9,32 @@ already past, otherwise FAILURE with a ``JobFailedError`` carrying the Fleet err
 rules predict. Never a hang, a lost message, an untyped error or a dead worker; after the run the worker
 computes a valid embed job exactly as before.
 
-Out of scope, because Celery reads them before any Fleet code runs: the ``id`` and ``task`` headers (they
-name the job and its task; a ``task`` header that is not a string is covered by tests/integration/test_consumer_guard.py),
-``ignore_result`` (asks for no result), and a keyword argument named ``self`` (it collides with Celery's own
-call wrapper and fails with an untyped TypeError).
+Left to part 2: the ``id`` and ``task`` headers and the keyword argument ``self``; and out of scope
+``ignore_result`` (it asks for no result).
+
+2. Raw kombu messages (``test_no_raw_message_ends_a_supervised_worker_or_goes_unanswered``): body bytes,
+content types, content encodings and headers as any producer could send them, to a worker under ``fleet up``.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import signal
+import subprocess
 import time
+import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
+import redis
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
+from producer import keys
 from producer.client import validate_request
 from producer.contract import (
     PROTOCOL_VERSION,
@@ -43,7 +50,13 @@ from producer.contract import (
 )
 from producer.errors import InvalidRequest
 from producer.queues import queue_depth
+from tests.support.fleet_processes import REPO_ROOT, fleet_executable, wait_for
+from tests.support.raw_messages import RawSender, task_headers
+from tests.support.raw_messages import final_meta as raw_final_meta
 from tests.unit.test_contract_properties import json_values
+from workers.process.embedded_redis import RedisServer
+from workers.process.health import read_heartbeats
+from workers.queue.wire_guard import UNNAMED_PREFIX
 
 pytestmark = pytest.mark.integration
 
@@ -315,3 +328,165 @@ def test_raw_wire_messages_end_typed_and_the_worker_keeps_serving(raw_app, embed
     assert_embed_result(after["result"], reference["texts"], normalize=True)
     for vector_before, vector_after in zip(before["result"]["vectors"], after["result"]["vectors"]):
         assert all(math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-6) for a, b in zip(vector_before, vector_after))
+
+
+# --- raw kombu messages against a supervised worker ------------------------------------------------
+#
+# Below Celery's own framing: hypothesis-made body bytes, content types, content encodings and headers,
+# published with kombu as any producer could, to one worker run by `fleet up` on a private Redis (so a
+# worker that died would show as a restart). No message may end the worker; every message that names its
+# job gets a final result (FAILURE ``invalid_message`` when the worker cannot run it); every message the
+# worker refuses is dead-lettered, under its job id or, when it names none, a generated one.
+
+JSON = "application/json"
+#: Content types other than JSON: each is refused before its body is decoded.
+OTHER_CONTENT_TYPES = ["", "text/plain", "application/x-python-serialize", "application/x-yaml", "application/data",
+                       "application/octet-stream", "application/json; charset=utf-8", "application/x-msgpack"]
+EMBED_FIELDS_NONE = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+
+
+#: ``RawMessage.job_id`` that stands for a fresh job id, made when the message is sent.
+FRESH_ID = "<fresh>"
+
+
+@dataclass
+class RawMessage:
+    """One raw message and whether it is framed as docs/PROTOCOL.md asks (then its task validates the request).
+
+    ``job_id`` is the ``id`` header's value, ``FRESH_ID`` for a new job id. The header is always sent, so a
+    message whose id is not usable never has its job id read from its body (protocol 1).
+    """
+
+    body: bytes
+    content_type: str
+    content_encoding: str | None
+    task: Any
+    job_id: Any
+    compression: str | None
+    well_framed: bool
+
+    def headers(self, fresh_id: str) -> dict:
+        headers = task_headers(fresh_id, self.task)
+        headers["id"] = fresh_id if self.job_id == FRESH_ID else self.job_id
+        if self.task is None:
+            del headers["task"]
+        if self.compression:
+            headers["compression"] = self.compression
+        return headers
+
+
+def dumps(value) -> bytes:
+    return json.dumps(value).encode()
+
+
+#: Bodies framed as Celery message protocol 2: ``[args, kwargs, embed]`` with one request object.
+well_framed_bodies = st.builds(
+    lambda texts, embed: dumps([[{"texts": texts}], {}, embed]),
+    st.one_of(st.lists(short_text, min_size=1, max_size=2), json_values),
+    st.sampled_from([None, {}, EMBED_FIELDS_NONE]))
+#: Bodies that are not: other JSON, near-misses of the protocol-2 array, deep nesting, other encodings, noise.
+ill_framed_bodies = st.one_of(
+    json_values.map(dumps),
+    st.tuples(json_values, json_values, json_values).map(lambda parts: dumps(list(parts))),
+    st.lists(json_values, max_size=5).map(dumps),
+    st.builds(lambda kwargs: dumps([[{"texts": ["x"]}], kwargs, None]), st.text(max_size=8) | st.just({"self": 1})),
+    st.builds(lambda embed: dumps([[{"texts": ["x"]}], {}, embed]),
+              st.dictionaries(st.text(max_size=8), json_values, min_size=1, max_size=2) | st.lists(json_values)),
+    st.integers(2, 100_000).map(lambda depth: b"[" * depth + b"]" * depth),
+    st.binary(max_size=64),
+    st.binary(max_size=16).map(lambda noise: b'[[{"texts": ["' + noise + b'"]}], {}, null]'),
+    json_values.map(lambda value: __import__("pickle").dumps(value)),
+    json_values.map(lambda value: __import__("yaml").safe_dump(value).encode()),
+    st.just(b""),
+)
+
+
+@st.composite
+def raw_messages(draw) -> RawMessage:
+    framed_body = draw(st.booleans())
+    body = draw(well_framed_bodies if framed_body else ill_framed_bodies)
+    content_type = draw(st.sampled_from([JSON] * 3 + OTHER_CONTENT_TYPES) | st.text(max_size=12))
+    task = draw(st.sampled_from([TASK_EMBED, TASK_EMBED, TASK_CLASSIFY, "fleet.nope", ["fleet.embed"], 5, None]))
+    job_id = draw(st.sampled_from([FRESH_ID] * 4 + ["", 5, None, ["x"]]))
+    compression = draw(st.sampled_from([None] * 6 + ["application/x-gzip", "application/x-bz2", "bogus"]))
+    well_framed = (framed_body and content_type == JSON and task in (TASK_EMBED, TASK_CLASSIFY)
+                   and job_id == FRESH_ID and compression is None)
+    return RawMessage(body, content_type, draw(st.sampled_from(["utf-8", "binary", "latin-1", None, "bogus"])),
+                      task, job_id, compression, well_framed)
+
+
+@pytest.fixture(scope="module")
+def supervised_worker(tmp_path_factory):
+    """``fleet up --devices cpu --models minilm`` on a private Redis: (redis url, supervisor log path)."""
+    server = RedisServer().start()
+    log_path = tmp_path_factory.mktemp("fleet-up") / "up.log"
+    env = {**os.environ, "REDIS_URL": server.url, "FLEET_TORCH_THREADS": "1", "FLEET_CONCURRENCY": "4",
+           "HF_HUB_OFFLINE": "1", "FLEET_HEARTBEAT_INTERVAL_S": "0.5"}
+    with log_path.open("w") as log:
+        process = subprocess.Popen([*fleet_executable(), "up", "--devices", "cpu", "--models", "minilm"], env=env,
+                                   cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        yield server.url, log_path
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(60)
+        server.stop()
+
+
+def issue_example(body: bytes, content_type: str = JSON, task: Any = TASK_EMBED) -> RawMessage:
+    """A message from issue 19: each one ended the worker or was dropped without a result."""
+    return RawMessage(body, content_type, "utf-8", task, FRESH_ID, None, well_framed=False)
+
+
+RAW_EXAMPLES = [
+    issue_example(b""),
+    issue_example(dumps({"texts": ["x"]})),
+    issue_example(dumps([[{"texts": ["x"]}]])),
+    issue_example(dumps(42)),
+    issue_example(dumps([[{"texts": ["x"]}], {}, None]), content_type=""),
+    issue_example(dumps([[{"texts": ["x"]}], "texts", None])),
+    issue_example(b"[" * 100_000 + b"]" * 100_000),
+    issue_example(dumps([[{"texts": ["x"]}], {}, None]), task=["fleet.embed"]),
+]
+
+
+def test_no_raw_message_ends_a_supervised_worker_or_goes_unanswered(supervised_worker):
+    redis_url, log_path = supervised_worker
+    redis_client = redis.Redis.from_url(redis_url)
+    worker = wait_for(lambda: [b for b in read_heartbeats(redis_client) if b.get("ready")], 240, "a ready worker")[0]
+    sender = RawSender(redis_url)
+
+    @settings(max_examples=120, deadline=None, derandomize=True, database=None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @given(message=raw_messages())
+    def one_message(message: RawMessage) -> None:
+        dead_letters_before = set(redis_client.hkeys(keys.DEAD_LETTERS))
+        job_id = str(uuid.uuid4())
+        sender.publish(QUEUE, message.body, content_type=message.content_type,
+                       content_encoding=message.content_encoding, headers=message.headers(job_id))
+        if message.job_id != FRESH_ID:  # no answer is possible: the message must be dead-lettered under a new id
+            new = wait_for(lambda: set(redis_client.hkeys(keys.DEAD_LETTERS)) - dead_letters_before, 30,
+                           f"a dead letter for {message}")
+            assert [entry.decode().startswith(UNNAMED_PREFIX) for entry in new] == [True]
+            event("no job id -> dead-lettered")
+            return
+        meta = raw_final_meta(redis_client, job_id)
+        assert meta is not None, f"no answer to {message}:\n{log_path.read_text()[-3000:]}"
+        code = meta["result"]["exc_message"][0] if meta["status"] == "FAILURE" else None
+        event(f"{'well' if message.well_framed else 'ill'} framed -> {meta['status']} {code or ''}".rstrip())
+        if message.well_framed:
+            assert code != ErrorCode.INVALID_MESSAGE.value, meta
+        else:
+            assert code == ErrorCode.INVALID_MESSAGE.value, meta
+            assert (meta["result"]["exc_type"], meta["result"]["exc_module"]) == ("JobFailedError", "producer.errors")
+            assert redis_client.hexists(keys.DEAD_LETTERS, job_id)
+
+    for message in RAW_EXAMPLES:
+        one_message = example(message=message)(one_message)
+    try:
+        one_message()
+    finally:
+        sender.close()
+    after = [b for b in read_heartbeats(redis_client) if b.get("ready")]
+    assert [b["pid"] for b in after] == [worker["pid"]], "the worker was restarted"
+    assert "exited with code" not in log_path.read_text()

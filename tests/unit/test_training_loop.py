@@ -10,8 +10,10 @@ import pytest
 import torch
 
 from producer.contract.training import TrainProgress, TrainRequest
-from workers.training import LocalDirectoryStore, TrainingConfigError, load_classifier, run_training
-from workers.training.loop import learning_rate_at
+from workers.training.artifacts import LocalDirectoryStore
+from workers.training.errors import TrainingConfigError
+from workers.training.loop import downsample_loss_curve, learning_rate_at, run_training
+from workers.training.models import load_classifier
 
 # One torch thread (conftest.one_thread): the suite shares two CPU cores with other work.
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -138,3 +140,10 @@ def test_mixed_precision_trains_and_resumes_on_cuda(tmp_path: Path, precision: s
     result = run_training(request, "cuda", store, job_id="j")
     assert result.resumed_from_step == 30 and all(torch.isfinite(torch.tensor(result.loss_curve)))
     assert result.metrics["accuracy"] > 0.9
+
+
+def test_a_loss_curve_past_the_cap_becomes_means_of_consecutive_steps():
+    curve = [float(step) for step in range(1, 2501)]  # 2,500 steps: stride ceil(2500 / 1000) = 3
+    points = downsample_loss_curve(curve)
+    assert len(points) == 834 and points[0] == 2.0 and points[1] == 5.0 and points[-1] == 2500.0
+    assert downsample_loss_curve(curve[:1000]) == curve[:1000]

@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from workers.training import load_classifier, models
+from workers.training import models
+from workers.training.models import load_classifier
 from workers.training.data import DIGIT_LABELS, train_tokenizer
 
 

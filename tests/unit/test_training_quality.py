@@ -12,7 +12,9 @@ import torch
 from transformers import AutoTokenizer, LlamaForCausalLM
 
 from producer.contract.training import TrainProgress, TrainRequest, TrainResult
-from workers.training import LocalDirectoryStore, load_classifier, run_training
+from workers.training.artifacts import LocalDirectoryStore
+from workers.training.loop import run_training
+from workers.training.models import load_classifier
 from workers.training.data import CORPUS_PATH, load_digits_split
 
 # One torch thread (conftest.one_thread): the suite shares two CPU cores with other work.

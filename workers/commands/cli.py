@@ -107,7 +107,11 @@ def _cmd_dlq(args: argparse.Namespace) -> int:
         return 0
     from workers.queue.app import app
 
-    dlq.retry(client, app, args.job_id)
+    try:
+        dlq.retry(client, app, args.job_id)
+    except dlq.NotRetriable as exc:
+        print(exc, file=sys.stderr)
+        return 1
     print(f"re-sent job {args.job_id} to {entry['queue']}")
     return 0
 

@@ -6,11 +6,13 @@ from celery import Celery
 
 from producer.celery_config import celery_config
 from producer.redis_connection import is_sentinel_url
-from workers.queue import consumer_guard, redis_patches
+from producer.serialization import STRICT_JSON
+from workers.queue import envelope_guard, redis_patches
+from workers.queue.results import DEBUG_ERRORS_KEY, result_backend_setting
 from workers.settings import WorkerSettings
 
 redis_patches.install()  # busy workers must ride out Redis restarts and failovers (see the module)
-consumer_guard.install()  # a malformed task header fails its job, not the worker
+envelope_guard.install()  # a queue item that is not a kombu message is dead-lettered, not fatal
 
 
 def worker_config(settings: WorkerSettings) -> dict:
@@ -21,13 +23,18 @@ def worker_config(settings: WorkerSettings) -> dict:
     Fleet's transport and result backend (workers/queue/transport.py, workers/queue/results.py)
     cut the Redis commands per job; STARTED is written by the job's own start round trip
     (workers/queue/job_context.py), so Celery's ``task_track_started`` is off.
+    Results: strict JSON (no NaN or infinity reaches Redis), and no worker tracebacks unless
+    ``FLEET_DEBUG_ERRORS`` is on. Consumer: every message it cannot run is refused and answered
+    instead of ending the worker (``workers/queue/wire_guard.py``).
     """
     config = celery_config(settings)
-    sentinel = is_sentinel_url(settings.redis_url)
-    backend = "FleetSentinelBackend" if sentinel else "FleetRedisBackend"
+    transport = "FleetSentinelTransport" if is_sentinel_url(settings.redis_url) else "FleetTransport"
     config.update({
-        "broker_transport": f"workers.queue.transport:{'FleetSentinelTransport' if sentinel else 'FleetTransport'}",
-        "result_backend": f"workers.queue.results:{backend}+{settings.redis_url}",
+        "broker_transport": f"workers.queue.transport:{transport}",
+        "result_backend": result_backend_setting(settings.redis_url),
+        "result_serializer": STRICT_JSON,
+        DEBUG_ERRORS_KEY: settings.debug_errors,
+        "worker_consumer": "workers.queue.wire_guard:GuardedConsumer",
         "task_track_started": False,
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,

@@ -16,10 +16,16 @@ from producer import keys
 
 
 def dead_letter(client: redis.Redis, job_id: str, *, task: str, queue: str, payload: Any, reason: str,
-                attempts: int) -> dict[str, Any]:
-    """Record a dead job; return the entry written."""
+                attempts: int, message: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Record a dead job; return the entry written.
+
+    ``payload`` is the request object (None when none could be read); ``message``, for a message the
+    worker refused (``invalid_message``), describes its framing and the start of its body.
+    """
     entry = {"job_id": job_id, "task": task, "queue": queue, "payload": payload, "reason": reason,
              "attempts": attempts, "at": time.time()}
+    if message is not None:
+        entry["message"] = message
     client.hset(keys.DEAD_LETTERS, job_id, json.dumps(entry))
     return entry
 
@@ -35,11 +41,22 @@ def get_entry(client: redis.Redis, job_id: str) -> dict[str, Any] | None:
     return json.loads(raw) if raw else None
 
 
+class NotRetriable(ValueError):
+    """The entry records a message that named no task, queue or request: there is nothing to send again."""
+
+
 def retry(client: redis.Redis, celery_app, job_id: str) -> bool:
-    """Send a dead job again under its own id, with a fresh attempt count; False if unknown."""
+    """Send a dead job again under its own id, with a fresh attempt count; False if unknown.
+
+    Raises ``NotRetriable`` (and keeps the entry) for a refused message from which no task, queue
+    or request object could be read.
+    """
     entry = get_entry(client, job_id)
     if entry is None:
         return False
+    if entry["payload"] is None or not entry["task"] or not entry["queue"]:
+        raise NotRetriable(f"dead-letter entry {job_id} has no task, queue or request to send again "
+                           f"({entry['reason']}); see it with: fleet dlq show {job_id}")
     with client.pipeline(transaction=False) as pipe:
         pipe.delete(keys.crash_record(job_id), f"celery-task-meta-{job_id}")
         pipe.hdel(keys.DEAD_LETTERS, job_id)

@@ -18,6 +18,8 @@ changes, and why:
   PUBLISH per job, no MULTI/EXEC.
 * **Per-job result lifetime.** A job's ``fleet_result_ttl_s`` header (docs/PROTOCOL.md), when
   valid, replaces ``result_expires`` for that job's result.
+* **No worker tracebacks.** Celery stores the worker's traceback, file paths included, beside
+  every FAILURE and RETRY; here it is ``null`` unless the worker runs with ``FLEET_DEBUG_ERRORS=1``.
 """
 
 from __future__ import annotations
@@ -29,8 +31,11 @@ from celery.backends.redis import RedisBackend, SentinelBackend
 from celery.exceptions import BackendStoreError
 from kombu.utils.encoding import bytes_to_str
 
+from producer.redis_connection import is_sentinel_url
 from workers.queue.group_commit import GroupCommit
 
+#: Celery configuration key: True stores worker tracebacks with failures (``FLEET_DEBUG_ERRORS``).
+DEBUG_ERRORS_KEY = "fleet_debug_errors"
 #: Message header with a job's own result lifetime in seconds (1 .. 30 days).
 RESULT_TTL_HEADER = "fleet_result_ttl_s"
 MAX_RESULT_TTL_S = 30 * 24 * 3600
@@ -61,6 +66,11 @@ class FleetResultsMixin:
         if commit is None:
             commit = self.__dict__["_fleet_group_commit"] = GroupCommit(lambda: self.client)
         return commit
+
+    def store_result(self, task_id, result, state, traceback=None, request=None, **kwargs):
+        if not self.app.conf.get(DEBUG_ERRORS_KEY):
+            traceback = None
+        return super().store_result(task_id, result, state, traceback, request, **kwargs)
 
     def _store_result(self, task_id, result, state, traceback=None, request=None, **kwargs):
         meta = self._get_result_meta(result=result, state=state, traceback=traceback, request=request)
@@ -95,3 +105,10 @@ class FleetRedisBackend(FleetResultsMixin, RedisBackend):
 
 class FleetSentinelBackend(FleetResultsMixin, SentinelBackend):
     """For ``sentinel://`` result backends."""
+
+
+def result_backend_setting(redis_url: str) -> str:
+    """The ``result_backend`` value that selects Fleet's backend class for ``redis_url``
+    (Celery's ``<backend class>+<url>`` form)."""
+    backend = FleetSentinelBackend if is_sentinel_url(redis_url) else FleetRedisBackend
+    return f"{backend.__module__}:{backend.__qualname__}+{redis_url}"

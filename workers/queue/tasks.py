@@ -75,10 +75,10 @@ BAD_HEADERS = "fleet_bad_headers"
 def _drop_malformed_headers(headers: dict) -> dict[str, str]:
     """Replace the Celery protocol headers that the worker would choke on; return ``{name: repr}`` of each.
 
-    Celery trusts these: an ``id`` that is not a string, a ``timelimit`` that is not a pair of numbers or
-    ``stamped_headers`` that is not a list raises inside the consumer and kills the worker (and every worker
-    the unacked message goes to next); an ``eta``/``expires`` that is not ISO 8601 makes Celery discard the
-    message with no result.
+    Celery trusts these: a ``timelimit`` that is not a pair of numbers or ``stamped_headers`` that is not a
+    list raises inside the consumer and kills the worker (and every worker the unacked message goes to
+    next); an ``eta``/``expires`` that is not ISO 8601 makes Celery discard the message with no result.
+    (A message without a usable ``id`` never gets here: ``workers/queue/wire_guard.py`` refuses it.)
     """
     bad: dict[str, str] = {}
 
@@ -86,8 +86,6 @@ def _drop_malformed_headers(headers: dict) -> dict[str, str]:
         bad[name] = repr(headers[name])[:200]
         headers[name] = replacement
 
-    if "id" in headers and not isinstance(headers["id"], str):  # an unhashable id kills the consumer
-        drop("id", json.dumps(headers["id"], default=repr))
     if headers.get("shadow") is not None and not isinstance(headers["shadow"], str):  # lost in the pool
         drop("shadow", None)
     limits = headers.get("timelimit")

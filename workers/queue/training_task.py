@@ -17,7 +17,7 @@ from typing import Any
 from celery.exceptions import Ignore, Reject
 
 from producer import keys
-from producer.contract import TASK_TRAIN, TrainProgress, TrainRequest
+from producer.contract import TASK_TRAIN, ErrorCode, TrainProgress, TrainRequest
 from producer.contract.training import TrainKind
 from producer.errors import JobFailedError
 from workers.observability import telemetry
@@ -27,6 +27,8 @@ from workers.queue.tasks import FleetRequest, begin, parse_payload, refuse_bad_h
 from workers.serving import inference
 from workers.serving import runtime as runtime_module
 from workers.serving.device_client import DeviceLost
+from workers.serving.registry import load_registry
+from workers.training.artifacts import LocalDirectoryStore
 
 log = logging.getLogger(__name__)
 
@@ -36,11 +38,50 @@ _training_slot = threading.Semaphore(1)
 _KIND_SERVES = {TrainKind.MLP: "classify", TrainKind.CNN: "classify", TrainKind.CAUSAL_LM: "generate"}
 
 
+def registry_entry(kind: TrainKind, model_directory: str | Path) -> dict:
+    """The ``fleet:trained-models`` entry that serves the model in ``model_directory``."""
+    return {"kind": _KIND_SERVES[kind], "source": f"dir:{Path(model_directory).resolve()}", "max_batch_size": 64,
+            "max_wait_ms": 2, "max_seq_len": 512}
+
+
+def own_registry_entry(store, job_id: str, kind: TrainKind) -> dict | None:
+    """The entry this job registers, if its final model already exists (a redelivery after it finished)."""
+    try:
+        return registry_entry(kind, store.model_directory(job_id))
+    except FileNotFoundError:
+        return None
+
+
+def refuse_taken_name(context: JobContext, registry_path: Path, name: str, own_entry: dict | None) -> None:
+    """Fail the job with ``model_name_taken`` if ``name`` is already a model: in this worker's registry file,
+    in ``fleet:trained-models`` (unless this very job registered it: ``own_entry``) or in the catalog of
+    served models. Checked before training, so that no compute is spent on a model that could not be served.
+    """
+    trained = context.redis.hget(keys.TRAINED_MODELS, name)
+    if trained is not None:
+        holder = None if own_entry is not None and json.loads(trained) == own_entry else "a finished training job"
+    elif name in load_registry(registry_path):
+        holder = "the worker's model registry file"
+    elif context.redis.hexists(keys.CATALOG, name):
+        holder = "a serving worker's registry (the model catalog)"
+    else:
+        holder = None
+    if holder is not None:
+        raise JobFailedError(ErrorCode.MODEL_NAME_TAKEN.value,
+                             f"register_as {name!r} is taken: {holder} already registered a model of that name; "
+                             "choose another name", {"register_as": name, "held_by": holder})
+
+
 def register_trained_model(context: JobContext, name: str, kind: TrainKind, artifact: str) -> dict:
-    """Publish a registry entry for the finished model; workers started with ``--models name`` load it."""
-    entry = {"kind": _KIND_SERVES[kind], "source": f"dir:{Path(artifact).resolve()}", "max_batch_size": 64,
-             "max_wait_ms": 2, "max_seq_len": 512}
-    context.redis.hset(keys.TRAINED_MODELS, name, json.dumps(entry))
+    """Publish a registry entry for the finished model, unless another job took ``name`` meanwhile
+    (``model_name_taken``; the model stays in the artifact store). Workers started with ``--models name`` load it."""
+    entry = registry_entry(kind, artifact)
+    if not context.redis.hsetnx(keys.TRAINED_MODELS, name, json.dumps(entry)):
+        if json.loads(context.redis.hget(keys.TRAINED_MODELS, name)) != entry:
+            raise JobFailedError(ErrorCode.MODEL_NAME_TAKEN.value,
+                                 f"register_as {name!r} was registered by another job while this one trained; "
+                                 "its model is kept in the artifact store under this job's id",
+                                 {"register_as": name, "held_by": "a finished training job"})
     log.info("registered trained model %s (%s) from %s", name, entry["kind"], artifact)
     return entry
 
@@ -52,6 +93,10 @@ def train_task(self, *args, **kwargs) -> dict:
     context, _ = begin(self)
     refuse_bad_headers(self)
     request = parse_payload(TrainRequest, args, kwargs)
+    if request.register_as:
+        store = LocalDirectoryStore(runtime.settings.artifact_dir)
+        refuse_taken_name(context, runtime.settings.model_registry, request.register_as,
+                          own_registry_entry(store, context.job_id, request.kind))
 
     model_label = request.register_as or request.kind.value  # the metrics' ml.model.name
 

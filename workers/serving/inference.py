@@ -28,6 +28,7 @@ from producer.errors import JobFailedError
 from workers.observability import telemetry
 from workers.serving import ipc
 from workers.serving.device_client import DeviceLost
+from workers.serving.finite_outputs import require_finite
 from workers.serving.runtime import ConsumerRuntime, ModelCard
 
 #: While a generation or training job runs, its cancel flag is read at most this often (s): one EXISTS.
@@ -79,8 +80,8 @@ def _raise_for(reply: dict[str, Any]) -> None:
 
 
 def _rows(runtime: ConsumerRuntime, card: ModelCard, header: dict[str, Any], payloads: tuple[bytes, ...],
-          context: Any) -> np.ndarray:
-    """One infer round trip to the device: a float32 row per input, checked to be finite."""
+          context: Any, what: str) -> np.ndarray:
+    """One infer round trip to the device: a float32 row per input, checked to be finite (``what``: its name)."""
     reply, frames = runtime.client.request({"op": "infer", "model": card.name, "job": context.job_id,
                                             "trace": context.traceparent, "isolate": context.isolate, **header},
                                            payloads)
@@ -88,10 +89,7 @@ def _rows(runtime: ConsumerRuntime, card: ModelCard, header: dict[str, Any], pay
     if reply.get("batch"):
         telemetry.link_to_batch(reply["batch"])
     rows = ipc.decode_matrix(reply["shape"], frames[0])
-    if not np.isfinite(rows).all():
-        raise JobFailedError(ErrorCode.MODEL_ERROR.value,
-                             f"model {card.name!r} produced a value that is not a finite number",
-                             {"rows_not_finite": np.flatnonzero(~np.isfinite(rows).all(axis=1))[:20].tolist()})
+    require_finite(rows, what, card.name)
     return rows
 
 
@@ -106,7 +104,7 @@ def embed(runtime: ConsumerRuntime, request: EmbedRequest, context: Any) -> dict
     """Embed ``request.texts``: pooled on the device (L2-normalised there if asked), one vector per text."""
     card = runtime.model(request.model, ModelKind.EMBED)
     rows = _rows(runtime, card, {"normalize": request.normalize}, _tokenise(runtime, card, list(request.texts)),
-                 context)
+                 context, "embedding")
     result: dict[str, Any] = {"model": request.model, "device": card.device, "dim": int(rows.shape[1]),
                               "encoding": request.encoding}
     if request.encoding == "base64":
@@ -134,7 +132,7 @@ def classify(runtime: ConsumerRuntime, request: ClassifyRequest, context: Any) -
         raise JobFailedError(ErrorCode.INVALID_INPUT.value,
                              f"model {request.model!r} classifies {card.input_kind}, not "
                              f"{'texts' if request.texts is not None else 'inputs'}")
-    probabilities = _rows(runtime, card, header, payloads, context)
+    probabilities = _rows(runtime, card, header, payloads, context, "score")
     top_k = min(request.top_k, len(card.labels))
     order = np.argsort(-probabilities, axis=1, kind="stable")[:, :top_k]
     predictions = [[{"label": card.labels[index], "score": float(row[index])} for index in picks]

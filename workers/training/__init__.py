@@ -1,16 +1,7 @@
 """The training library: data, models, the loop and artifact storage for ``fleet.train``.
 
-A pure library (no Celery): the task validates a ``TrainRequest``, picks the device and a
-store, and calls ``run_training``.
+A pure library (no Celery), run in a worker group's device process: the task validates a
+``TrainRequest`` and the device process calls ``workers.training.loop.run_training`` with its
+device and a store (``workers.training.artifacts``). Importing this package imports nothing
+else, so that a consumer can use the artifact store's layout without loading torch.
 """
-
-from workers.training.artifacts import ArtifactStore, LocalDirectoryStore
-from workers.training.errors import TrainingConfigError
-from workers.training.loop import run_training
-from workers.training.models import load_classifier
-from workers.training.precision import check_precision
-
-__all__ = [
-    "ArtifactStore", "LocalDirectoryStore", "TrainingConfigError", "check_precision", "load_classifier",
-    "run_training",
-]

@@ -19,8 +19,6 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
-
 #: Job ids become directory names: letters, digits, ``_ . -``, starting with a letter or digit.
 JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$"
 _JOB_ID_RE = re.compile(JOB_ID_PATTERN)
@@ -82,6 +80,8 @@ class LocalDirectoryStore(ArtifactStore):
         temporary = directory / f".{final.name}.{uuid.uuid4().hex}.tmp"
         try:
             with open(temporary, "wb") as handle:
+                import torch  # the store is also used where torch is absent (a consumer finding a model)
+
                 torch.save(state, handle)
                 handle.flush()
                 os.fsync(handle.fileno())
@@ -99,6 +99,8 @@ class LocalDirectoryStore(ArtifactStore):
 
     def load_checkpoint(self, job_id: str, step: int) -> dict[str, Any]:
         path = self._checkpoint_dir(job_id) / f"step-{step:08d}.pt"
+        import torch
+
         return torch.load(path, map_location="cpu", weights_only=True)
 
     def save_model(self, job_id: str, write: Callable[[Path], None]) -> str:

@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 import torch
 
-from producer.contract.training import TrainProgress, TrainRequest, TrainResult
+from producer.contract.training import MAX_LOSS_CURVE_POINTS, TrainProgress, TrainRequest, TrainResult
 from workers.training.artifacts import ArtifactStore
 from workers.training.errors import TrainingConfigError
 from workers.training.precision import autocast, check_precision, grad_scaler
@@ -47,6 +47,20 @@ def learning_rate_at(step: int, total_steps: int, peak: float) -> float:
         return peak * (step + 1) / warmup
     progress = (step - warmup) / max(1, total_steps - warmup)
     return peak * (_FINAL_LR_FRACTION + (1 - _FINAL_LR_FRACTION) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def downsample_loss_curve(curve: list[float], max_points: int = MAX_LOSS_CURVE_POINTS) -> list[float]:
+    """``curve`` itself if it has at most ``max_points`` points; else the means of consecutive runs of
+    ``s = ceil(len(curve) / max_points)`` points (the last run may be shorter), at most ``max_points``.
+
+    This is the ``TrainResult.loss_curve`` contract: one float per step would make the result of a
+    long job tens of megabytes of JSON. Checkpoints keep the full curve.
+    """
+    if len(curve) <= max_points:
+        return list(curve)
+    stride = math.ceil(len(curve) / max_points)
+    return [math.fsum(curve[start:start + stride]) / len(curve[start:start + stride])
+            for start in range(0, len(curve), stride)]
 
 
 def epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
@@ -219,7 +233,7 @@ class _Run:
             dataset=self.request.dataset,
             device=str(self.device),
             metrics={**metrics, "val_loss_start": self.val_loss_start},
-            loss_curve=list(self.loss_curve),
+            loss_curve=downsample_loss_curve(self.loss_curve),
             steps=self.step,
             resumed_from_step=self.resumed_from_step,
             artifact=artifact,

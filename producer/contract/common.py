@@ -111,6 +111,9 @@ class ErrorCode(str, Enum):
     """Machine-readable reason a job failed. Stable: clients branch on these."""
 
     INVALID_INPUT = "invalid_input"
+    #: A generate prompt with more tokens than the model has room for; details: ``prompt_tokens``,
+    #: ``max_prompt_tokens`` (the room), ``max_seq_len``, ``max_new_tokens``.
+    PROMPT_TOO_LONG = "prompt_too_long"
     UNKNOWN_MODEL = "unknown_model"
     WRONG_MODEL_KIND = "wrong_model_kind"
     UNSUPPORTED_PROTOCOL = "unsupported_protocol"

@@ -1,8 +1,8 @@
 """Inference on resident models; each function returns a contract result.
 
 Embedding and classification go through the model's batcher (many jobs, one device batch);
-generation runs one request at a time per model. Torch is imported lazily so that importing
-the task module (e.g. from Flower) stays light.
+generation joins the model's continuous-batching engine (``workers.serving.generation``). Torch
+is imported lazily so that importing the task module (e.g. from Flower) stays light.
 """
 
 from __future__ import annotations
@@ -18,9 +18,6 @@ from producer.contract import (
 )
 from workers.observability import telemetry
 from workers.serving.runtime import ResidentModel
-
-#: Generation polls for cancellation once every this many tokens (one Redis EXISTS each).
-CANCEL_CHECK_EVERY_TOKENS = 8
 
 
 class Cancelled(Exception):
@@ -76,18 +73,7 @@ def classify(resident: ResidentModel, request: ClassifyRequest, context=None) ->
 
 
 def generate(resident: ResidentModel, request: GenerateRequest, context) -> GenerateResult:
-    """Generate with the KV cache; stream pieces to Redis if asked; stop early when cancelled."""
-    calls = 0
+    """Decode in the model's continuous batch; stream pieces to Redis if asked; stop when cancelled."""
+    from workers.serving.generation.job import run_generate_job
 
-    def should_stop() -> bool:
-        nonlocal calls
-        calls += 1
-        return calls % CANCEL_CHECK_EVERY_TOKENS == 0 and context.cancelled()
-
-    on_piece = context.publish_piece if request.stream else None
-    result = resident.impl.generate(request, on_piece=on_piece, should_stop=should_stop)
-    if request.stream:
-        context.publish_piece(None)
-    if result.finish_reason == "cancelled":
-        raise Cancelled()
-    return result
+    return run_generate_job(resident.impl, request, context)

@@ -27,7 +27,7 @@ class ResidentModel:
 
     spec: ModelSpec
     impl: object
-    #: None for models that run one request at a time (generation).
+    #: None for generate models: their ``impl`` is a ``GenerationEngine``, which batches itself.
     batcher: DynamicBatcher | None
     report: LoadReport
 
@@ -90,6 +90,8 @@ class WorkerRuntime:
         for resident in self.models.values():
             if resident.batcher is not None:
                 resident.batcher.close()
+            elif resident.spec.kind is ModelKind.GENERATE:
+                resident.impl.close()  # its generation engine: stop the decode thread
 
 
 def _release_cuda_cache() -> None:

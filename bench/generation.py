@@ -156,7 +156,9 @@ def run_generate_batch(model, token_ids: list[list[int]], new_tokens: int, devic
                        ttft["p50"], ttft["p99"])
 
 
-def benchmark(model, tokenizer, device: str, levels: list[int], new_tokens: int, serial_cap: int) -> list[Measurement]:
+def benchmark(model, tokenizer, device: str, levels: list[int], new_tokens: int, serial_cap: int,
+              failures: list[dict]) -> list[Measurement]:
+    """Every system at every level; a system that raises is recorded in ``failures`` and skipped."""
     measurements = []
     for level in levels:
         prompts = make_prompts(tokenizer, level, seed=level)
@@ -169,7 +171,12 @@ def benchmark(model, tokenizer, device: str, levels: list[int], new_tokens: int,
             lambda: run_generate_batch(model, token_ids, new_tokens, device),
         ]
         for run in runs:
-            measurement = run()
+            try:
+                measurement = run()
+            except Exception as exc:  # noqa: BLE001 - one system failing must not lose the others' figures
+                print(f"{level:>5} failed: {type(exc).__name__}: {exc}", flush=True)
+                failures.append({"concurrency": level, "error": f"{type(exc).__name__}: {exc}"})
+                continue
             measurements.append(measurement)
             print(format_row(measurement), flush=True)
     return measurements
@@ -188,8 +195,8 @@ def ratios(measurements: list[Measurement]) -> dict[int, dict[str, float]]:
     by_level: dict[int, dict[str, float]] = {}
     for m in measurements:
         by_level.setdefault(m.concurrency, {})[m.system] = m.tokens_per_s
-    return {level: {"vs_one_at_a_time": rates["engine"] / rates["one_at_a_time"],
-                    "vs_generate_batch": rates["engine"] / rates["generate_batch"]}
+    return {level: {f"vs_{other}": rates["engine"] / rates[other] for other in ("one_at_a_time", "generate_batch")
+                    if "engine" in rates and other in rates}
             for level, rates in by_level.items()}
 
 
@@ -213,20 +220,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"model: {parameters / 1e6:.1f} M parameters, {model.dtype}, {model.device}; {args.new_tokens} new tokens")
         print(f"{'N':>5} {'system':<15} {'jobs':>5} {'tokens':>7} {'wall_s':>8} {'tokens/s':>10} {'ttft_p50':>9} "
               f"{'ttft_p99':>9}  (ms)")
-        measurements = benchmark(model, tokenizer, args.device, levels, args.new_tokens, args.serial_cap)
+        failures: list[dict] = []
+        measurements = benchmark(model, tokenizer, args.device, levels, args.new_tokens, args.serial_cap, failures)
     summary = ratios(measurements)
     for level, ratio in summary.items():
-        print(f"N={level}: engine = {ratio['vs_one_at_a_time']:.2f}x one at a time, "
-              f"{ratio['vs_generate_batch']:.2f}x generate_batch")
+        print(f"N={level}: engine = " + ", ".join(f"{value:.2f}x {name[3:]}" for name, value in ratio.items()))
     if args.out:
         report = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "commit": _commit(),
                   "machine": _machine(args.device), "torch": torch.__version__,
                   "transformers": transformers.__version__, "device": args.device, "parameters": parameters,
                   "dtype": str(model.dtype), "new_tokens": args.new_tokens,
-                  "measurements": [asdict(m) for m in measurements], "ratios": summary}
+                  "measurements": [asdict(m) for m in measurements], "ratios": summary, "failures": failures}
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2) + "\n")
-    return 0
+    return 1 if failures else 0
 
 
 def _commit() -> str:

@@ -6,7 +6,8 @@ own ``generate_batch``, on the same prompts, in one process and one run.
 
 For each concurrency level N (cpu: 1 and 16; cuda: 1, 8, 32, 64 and 128), N jobs of exactly
 ``--new-tokens`` new tokens (128; end-of-sequence is off) are submitted at once, greedy, and
-three systems run them:
+three systems run them (each twice; the first run, untimed, pays the first-call costs of the
+new shapes):
 
 * **engine**: Fleet's ``GenerationEngine`` with room for all N (``max_sequences = N``);
 * **one_at_a_time**: the same engine with ``max_sequences = 1``, i.e. the old path (one
@@ -172,6 +173,7 @@ def benchmark(model, tokenizer, device: str, levels: list[int], new_tokens: int,
         ]
         for run in runs:
             try:
+                run()  # untimed: first-call costs of these shapes (kernel selection, allocator) stay out
                 measurement = run()
             except Exception as exc:  # noqa: BLE001 - one system failing must not lose the others' figures
                 print(f"{level:>5} failed: {type(exc).__name__}: {exc}", flush=True)

@@ -29,6 +29,7 @@ the project's training code to build the demo model.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import platform
 import random
@@ -141,7 +142,9 @@ def run_generate_batch(model, token_ids: list[list[int]], new_tokens: int, devic
     if device == "cpu":
         page = 64
         positions = sum(len(ids) + new_tokens for ids in token_ids)
-        batching = ContinuousBatchingConfig(page_size=page, num_blocks=positions // page + 2 * len(token_ids),
+        # transformers 5.18 renamed block_size to page_size.
+        page_field = "page_size" if "page_size" in inspect.signature(ContinuousBatchingConfig).parameters else "block_size"
+        batching = ContinuousBatchingConfig(**{page_field: page}, num_blocks=positions // page + 2 * len(token_ids),
                                             max_batch_tokens=2048, max_requests_per_batch=len(token_ids))
     outputs = model.generate_batch(token_ids, generation_config=config, continuous_batching_config=batching,
                                    record_timestamps=True)

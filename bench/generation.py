@@ -143,7 +143,8 @@ def run_generate_batch(model, token_ids: list[list[int]], new_tokens: int, devic
         page = 64
         positions = sum(len(ids) + new_tokens for ids in token_ids)
         # transformers 5.18 renamed block_size to page_size.
-        page_field = "page_size" if "page_size" in inspect.signature(ContinuousBatchingConfig).parameters else "block_size"
+        fields = inspect.signature(ContinuousBatchingConfig).parameters
+        page_field = "page_size" if "page_size" in fields else "block_size"
         batching = ContinuousBatchingConfig(**{page_field: page}, num_blocks=positions // page + 2 * len(token_ids),
                                             max_batch_tokens=2048, max_requests_per_batch=len(token_ids))
     outputs = model.generate_batch(token_ids, generation_config=config, continuous_batching_config=batching,
@@ -222,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as scratch:
         model, tokenizer = random_llama_1b("cuda") if args.device == "cuda" else demo_tiny_llama(Path(scratch) / "m")
         parameters = sum(p.numel() for p in model.parameters())
-        print(f"model: {parameters / 1e6:.1f} M parameters, {model.dtype}, {model.device}; {args.new_tokens} new tokens")
+        print(f"model: {parameters / 1e6:.1f} M parameters, {model.dtype}, {model.device}; "
+              f"{args.new_tokens} new tokens")
         print(f"{'N':>5} {'system':<15} {'jobs':>5} {'tokens':>7} {'wall_s':>8} {'tokens/s':>10} {'ttft_p50':>9} "
               f"{'ttft_p99':>9}  (ms)")
         failures: list[dict] = []

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 
 from producer import ErrorCode, JobCancelled, JobFailedError, JobStatus, keys
-from tests.support.fleet_processes import WorkerProcess, wait_for
+from tests.support.fleet_processes import WorkerProcess
 
 pytestmark = pytest.mark.integration
 

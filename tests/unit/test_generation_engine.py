@@ -94,7 +94,8 @@ def test_greedy_text_equals_transformers_generate(make_engine, tiny_llama):
     ids = tokenizer(prompt, return_tensors="pt")
     with torch.inference_mode():
         reference = model.generate(**ids, max_new_tokens=24, do_sample=False)[0, ids["input_ids"].shape[1]:].tolist()
-    reference = reference[:reference.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in reference else reference
+    if tokenizer.eos_token_id in reference:
+        reference = reference[:reference.index(tokenizer.eos_token_id)]
     assert outcome.text == tokenizer.decode(reference, skip_special_tokens=True)
     assert outcome.tokens_generated == len(reference)
 

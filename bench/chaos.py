@@ -312,7 +312,7 @@ class Reference:
         return self._cache[key]
 
     def _compute(self, job: Job) -> Any:
-        from producer.contract import GenerateRequest
+        from workers.serving.generation.sampling import Sampling
 
         if job.kind == "embed":
             return self.embedder.embed(job.request["texts"], True)
@@ -323,9 +323,8 @@ class Reference:
                 top = row.topk(min(job.request["top_k"], len(self.classifier.labels)))
                 labels.append([self.classifier.labels[i] for i in top.indices.tolist()])
             return labels
-        request = GenerateRequest(prompt=job.request["prompt"], model="tiny-llama", temperature=0,
-                                  max_new_tokens=job.request["max_new_tokens"])
-        return self.generator.generate(request).text
+        sampling = Sampling(max_new_tokens=job.request["max_new_tokens"])
+        return self.generator.submit(str(uuid.uuid4()), job.request["prompt"], sampling).wait().text
 
 
 def cosine(a: list[float], b: list[float]) -> float:

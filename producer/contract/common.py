@@ -115,6 +115,9 @@ class ErrorCode(str, Enum):
     INVALID_MESSAGE = "invalid_message"
     #: ``register_as`` names a model the registry already holds.
     MODEL_NAME_TAKEN = "model_name_taken"
+    #: A generate prompt with more tokens than the model has room for; details: ``prompt_tokens``,
+    #: ``max_prompt_tokens`` (the room), ``max_seq_len``, ``max_new_tokens``.
+    PROMPT_TOO_LONG = "prompt_too_long"
     UNKNOWN_MODEL = "unknown_model"
     WRONG_MODEL_KIND = "wrong_model_kind"
     UNSUPPORTED_PROTOCOL = "unsupported_protocol"

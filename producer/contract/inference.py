@@ -208,7 +208,11 @@ class GenerateRequest(WireModel):
     """Continue ``prompt`` with up to ``max_new_tokens`` tokens.
 
     ``temperature == 0`` means greedy decoding; otherwise sampling with ``top_p`` and ``seed``.
-    Generation stops early at the first of ``stop`` strings (excluded from the text).
+    Generation stops as soon as the text contains one of the ``stop`` strings; the text ends
+    right before it. A prompt longer than the model's room for it (the smaller of its longest
+    prompt and ``max_seq_len - max_new_tokens`` tokens) fails with ``prompt_too_long``, unless
+    ``truncate``: then the start of the prompt is dropped (a leading BOS token stays) and its end,
+    which the continuation follows, is kept.
     """
 
     v: StrictInt = PROTOCOL_VERSION
@@ -221,6 +225,7 @@ class GenerateRequest(WireModel):
     seed: Optional[Annotated[StrictInt, Field(ge=-(2**63), le=2**64 - 1)]] = None
     stop: Annotated[list[Text], Field(max_length=Limits.MAX_STOP_STRINGS)] = Field(default_factory=list)
     stream: StrictBool = False
+    truncate: StrictBool = False
 
     @field_validator("prompt")
     @classmethod

@@ -111,17 +111,27 @@ class JobContext:
 
     # --- deadline and cancellation -----------------------------------------------------------
 
-    def expired(self) -> bool:
-        """True if the job's deadline (Celery ``expires``) has passed."""
+    def deadline(self) -> datetime | None:
+        """The job's deadline (Celery ``expires``), timezone-aware; None if it has none."""
         expires = self.task.request.expires
         if not expires:
-            return False
+            return None
         # Celery's own ISO 8601 parser (dateutil): it accepted this header, and it takes forms that
         # datetime.fromisoformat refuses ("2030-01", "2030-01-01T24:00").
         deadline = maybe_iso8601(expires) if isinstance(expires, str) else expires
         if deadline.tzinfo is None:  # ISO 8601 without an offset: UTC, as Celery reads it (enable_utc)
             deadline = deadline.replace(tzinfo=timezone.utc)
-        return datetime.now(timezone.utc) >= deadline
+        return deadline
+
+    def expired(self) -> bool:
+        """True if the job's deadline has passed."""
+        deadline = self.deadline()
+        return deadline is not None and datetime.now(timezone.utc) >= deadline
+
+    @property
+    def priority(self) -> int:
+        """The message's priority, 0 (first) to 9; 0 when it has none."""
+        return int((self.task.request.delivery_info or {}).get("priority") or 0)
 
     def stop_as_expired(self) -> None:
         """Store REVOKED("expired"), as Celery does for jobs it drops at receipt, and end the task."""

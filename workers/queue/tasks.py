@@ -186,6 +186,8 @@ def run_job(task, kind: ModelKind, request_cls: type[BaseModel], args: tuple, kw
         return execute(runtime, request, context)
     except inference.Cancelled:
         context.stop_as_cancelled()
+    except inference.Expired:
+        context.stop_as_expired()
     except DeviceLost:
         log.warning("job %s: the device process ended; handing the job back to its queue", context.job_id)
         raise Reject("device process lost", requeue=True) from None

@@ -7,8 +7,9 @@ included), reports them to the launcher, then serves the consumer processes over
 
 * ``infer`` requests of every consumer go to the model's one ``DynamicBatcher``, so a device
   batch gathers jobs from all consumers; each job's rows go back as one float32 frame;
-* ``generate`` and ``train`` requests run on threads of their own and stream their pieces or
-  progress back before the final result;
+* ``generate`` requests join their model's continuous-batching engine
+  (workers/serving/generation/), which streams each job's pieces back from its decode thread;
+  ``train`` requests run on a thread of their own and stream their progress back;
 * while a batch computes, the status board holds the ids of its jobs, so that if the process
   dies the launcher knows which jobs were in compute (docs/RELIABILITY.md, "Attempts").
 
@@ -74,7 +75,7 @@ class _Work:
 
 
 class _InFlight:
-    """Jobs a status-board slot is computing outside a batcher (generation, training), kept on the board."""
+    """Jobs a status-board slot is computing outside a batcher (training), kept on the board."""
 
     def __init__(self, board: StatusBoard, slot: int):
         self._board, self._slot = board, slot
@@ -97,6 +98,32 @@ class _InFlight:
                     self._board.batch_finished(self._slot)
 
 
+class _EngineHooks:
+    """A generation engine's hooks in the device process: the running jobs on the status board
+    (crash attribution), and the GenAI metrics of each finished job."""
+
+    def __init__(self, board: StatusBoard, slot: int):
+        self._board, self._slot = board, slot
+
+    def on_step(self, model: str, step: Any) -> None:
+        if step.job_ids:
+            self._board.batch_started(self._slot, list(step.job_ids))
+        else:
+            self._board.batch_finished(self._slot)
+
+    def on_first_token(self, model: str, job_id: str, ttft_s: float) -> None:
+        return None
+
+    def on_finish(self, model: str, outcome: Any) -> None:
+        from workers.observability import telemetry
+
+        if outcome.ttft_s is not None:
+            telemetry.record_generation(model, time_to_first_token_s=outcome.ttft_s,
+                                        output_tokens=outcome.tokens_generated,
+                                        duration_s=outcome.ttft_s + (outcome.decode_s or 0.0),
+                                        error_type=None if outcome.finish.completed else outcome.finish.value)
+
+
 class _Resident:
     """A loaded model, its batcher (None for generators) and its status-board slot."""
 
@@ -111,7 +138,8 @@ class _Resident:
                                           on_out_of_memory=_release_cuda_cache if device.startswith("cuda") else None,
                                           batch_hook=BatchScope(device, {spec.name: spec.kind.value}))
         self._board = board
-        self.computing = _InFlight(board, slot).computing
+        if spec.kind is ModelKind.GENERATE:
+            impl.attach_hooks(_EngineHooks(board, slot))
 
     def _run_batch(self, works: list[_Work], info: Any) -> list[Any]:
         from workers.observability.telemetry import current_traceparent
@@ -142,6 +170,8 @@ class _Resident:
     def close(self) -> None:
         if self.batcher is not None:
             self.batcher.close()
+        elif self.spec.kind is ModelKind.GENERATE:
+            self.impl.close()  # its generation engine: running sequences are handed back
 
 
 def _tokenizer_file(spec: ModelSpec) -> str | None:
@@ -193,7 +223,7 @@ class DeviceServer:
         self._pull = self._context.socket(zmq.PULL)
         self._pull.bind(_REPLIES)
         self._replies = _Replies(self._context)
-        self._jobs = ThreadPoolExecutor(max_workers=64, thread_name_prefix="device-job")
+        self._training_threads = ThreadPoolExecutor(max_workers=2, thread_name_prefix="device-train")
         self._cancelled: dict[str, float] = {}
         self._cancel_lock = threading.Lock()
         self._stopping = threading.Event()
@@ -227,7 +257,7 @@ class DeviceServer:
             for resident in self.residents.values():
                 resident.close()
             self._forward_replies()
-            self._jobs.shutdown(wait=False, cancel_futures=True)
+            self._training_threads.shutdown(wait=False, cancel_futures=True)
 
     def _forward_replies(self) -> None:
         while True:
@@ -268,11 +298,11 @@ class DeviceServer:
             if op == "infer":
                 self._infer(identity, header, payloads)
             elif op == "generate":
-                self._jobs.submit(self._generate, identity, header)
+                self._generate(identity, header)
             elif op == "train":
-                self._jobs.submit(self._train, identity, header)
+                self._training_threads.submit(self._train, identity, header)
             elif op == "cancel":
-                self._cancel(str(header.get("job")))
+                self._cancel(str(header.get("job")), header.get("model"))
             elif op == "stats":
                 self._reply(identity, ipc.pack({"rid": rid, "ok": True, **self.stats()}))
             elif op == "ping":
@@ -315,7 +345,11 @@ class DeviceServer:
         _JobReply(self._replies, identity, header.get("rid"), futures, works, bool(header.get("normalize")),
                   resident.spec.kind is ModelKind.EMBED)
 
-    def _cancel(self, job: str) -> None:
+    def _cancel(self, job: str, model: Any) -> None:
+        resident = self.residents.get(model)
+        if resident is not None and resident.spec.kind is ModelKind.GENERATE:
+            resident.impl.cancel(job)
+            return
         now = time.monotonic()
         with self._cancel_lock:
             self._cancelled[job] = now
@@ -327,25 +361,31 @@ class DeviceServer:
             return job in self._cancelled
 
     def _generate(self, identity: bytes, header: dict[str, Any]) -> None:
+        """Hand a generate job to its model's engine (it returns at once); pieces and the outcome
+        are sent from the engine's decode thread as they come."""
         from producer.contract import GenerateRequest
+        from workers.serving.generation.engine import EngineClosed
+        from workers.serving.generation.limits import PromptTooLong
+        from workers.serving.generation.sampling import Sampling
 
         rid, job = header.get("rid"), str(header.get("job", ""))
+        request = GenerateRequest.model_validate(header["request"])
+        engine = self._resident(request.model, ModelKind.GENERATE).impl
+
+        def on_piece(text: str) -> None:
+            self._replies.send([identity, *ipc.pack({"rid": rid, "event": "piece", "text": text})])
+
+        def on_done(outcome: Any) -> None:
+            self._replies.send([identity, *_generation_reply(rid, request, engine, outcome)])
+
         try:
-            request = GenerateRequest.model_validate(header["request"])
-            resident = self._resident(request.model, ModelKind.GENERATE)
-
-            def on_piece(text: str) -> None:
-                self._replies.send([identity, *ipc.pack({"rid": rid, "event": "piece", "text": text})])
-
-            with resident.computing(job):
-                result = resident.impl.generate(request, on_piece=on_piece if request.stream else None,
-                                                should_stop=lambda: self._is_cancelled(job))
-            reply = ipc.pack({"rid": rid, "ok": True, "result": result.model_dump(mode="json")})
-        except _RequestError as exc:
-            reply = ipc.error_reply(rid, exc.code, str(exc), exc.details)
-        except Exception as exc:  # noqa: BLE001 - a failed generation fails its job only
-            reply = _failure(rid, exc, job)
-        self._replies.send([identity, *reply])
+            engine.submit(job, request.prompt, Sampling.of(request), on_piece=on_piece if request.stream else None,
+                          on_done=on_done, deadline=header.get("deadline"), priority=int(header.get("priority") or 0),
+                          truncate=request.truncate)
+        except PromptTooLong as exc:
+            raise _RequestError(ErrorCode.PROMPT_TOO_LONG.value, str(exc), exc.details()) from None
+        except EngineClosed:
+            raise _RequestError("unavailable", "the device process is stopping") from None
 
     def _train(self, identity: bytes, header: dict[str, Any]) -> None:
         from producer.contract import TrainRequest
@@ -379,6 +419,20 @@ class _RequestError(Exception):
     def __init__(self, code: str, message: str, details: dict[str, Any] | None = None):
         super().__init__(message)
         self.code, self.details = code, details or {}
+
+
+def _generation_reply(rid: Any, request: Any, engine: Any, outcome: Any) -> list[bytes]:
+    """The final reply for a generate job's ``Outcome``: its result, or why it has none."""
+    from workers.serving.generation.sequence import Finish
+
+    if outcome.finish.completed:
+        return ipc.pack({"rid": rid, "ok": True, "result": {
+            "model": request.model, "device": str(engine.device), "text": outcome.text,
+            "tokens_generated": outcome.tokens_generated, "finish_reason": outcome.finish.value}})
+    if outcome.finish is Finish.FAILED:
+        return _failure(rid, outcome.error, outcome.job_id)
+    code = {Finish.CANCELLED: "cancelled", Finish.EXPIRED: "expired", Finish.HANDED_BACK: "unavailable"}[outcome.finish]
+    return ipc.error_reply(rid, code, f"generation ended: {outcome.finish.value}")
 
 
 def _failure(rid: Any, exc: BaseException, job: str) -> list[bytes]:

@@ -66,6 +66,10 @@ class ModelFailed(Exception):
         self.code = code
 
 
+class Expired(Exception):
+    """The job's deadline passed while it waited on the device (for a generation slot)."""
+
+
 def _raise_for(reply: dict[str, Any]) -> None:
     """Turn a failure reply of the device process into the exception the task layer handles."""
     if reply.get("ok"):
@@ -74,6 +78,10 @@ def _raise_for(reply: dict[str, Any]) -> None:
     code, message = error.get("code", ErrorCode.INTERNAL.value), error.get("message", "device error")
     if code == "unavailable":
         raise DeviceLost(message)
+    if code == "cancelled":
+        raise Cancelled()
+    if code == "expired":
+        raise Expired()
     if code in (ErrorCode.MODEL_ERROR.value, ErrorCode.OUT_OF_MEMORY.value):
         raise ModelFailed(code, message)
     raise JobFailedError(code, message, error.get("details") or {})
@@ -140,7 +148,7 @@ def classify(runtime: ConsumerRuntime, request: ClassifyRequest, context: Any) -
     return {"model": request.model, "device": card.device, "predictions": predictions}
 
 
-def _follow(runtime: ConsumerRuntime, header: dict[str, Any], context: Any, on_event) -> dict[str, Any]:
+def _follow(runtime: ConsumerRuntime, header: dict[str, Any], context: Any, on_event, model: str = "") -> dict[str, Any]:
     """A long job on the device (generation, training): relay its events; pass a cancel on to the device."""
     next_check = time.monotonic() + CANCEL_POLL_S
     cancel_sent = False
@@ -151,7 +159,7 @@ def _follow(runtime: ConsumerRuntime, header: dict[str, Any], context: Any, on_e
             return
         next_check = time.monotonic() + CANCEL_POLL_S
         if context.cancelled():
-            runtime.client.send({"op": "cancel", "job": context.job_id})
+            runtime.client.send({"op": "cancel", "job": context.job_id, "model": model})
             cancel_sent = True
 
     reply, _ = runtime.client.request({**header, "job": context.job_id, "trace": context.traceparent},
@@ -161,18 +169,17 @@ def _follow(runtime: ConsumerRuntime, header: dict[str, Any], context: Any, on_e
 
 
 def generate(runtime: ConsumerRuntime, request: GenerateRequest, context: Any) -> dict[str, Any]:
-    """Generate on the device; stream pieces to the job's Redis stream if asked; stop early when cancelled."""
+    """Generate on the device's engine; stream pieces to the job's Redis stream if asked (the stream
+    gets its end marker however the job ends); pass a cancel on; raise ``Cancelled``/``Expired``."""
     runtime.model(request.model, ModelKind.GENERATE)
-
-    def on_event(event: dict[str, Any]) -> None:
-        context.publish_piece(event["text"])
-
-    result = _follow(runtime, {"op": "generate", "request": request.model_dump(mode="json")}, context, on_event)
-    if request.stream:
-        context.publish_piece(None)
-    if result.get("finish_reason") == "cancelled":
-        raise Cancelled()
-    return result
+    deadline = context.deadline()
+    header = {"op": "generate", "request": request.model_dump(mode="json"), "priority": context.priority,
+              "deadline": None if deadline is None else deadline.timestamp()}
+    try:
+        return _follow(runtime, header, context, lambda event: context.publish_piece(event["text"]), request.model)
+    finally:
+        if request.stream:
+            context.publish_piece(None)
 
 
 def train(runtime: ConsumerRuntime, request: TrainRequest, context: Any, on_progress) -> dict[str, Any]:

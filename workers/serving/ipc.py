@@ -13,12 +13,14 @@ Requests (consumer -> device), header fields:
   models, or one frame (float32 row-major) plus ``"shape": [rows, features]`` for feature
   models. Reply: ``{"rid", "ok": true, "shape": [rows, cols]}`` and one float32 frame: one row
   per input (pooled, optionally L2-normalised embeddings; or class probabilities).
-* ``{"op": "generate", "rid", "job", "trace", "request": <GenerateRequest JSON>}``: replies
-  ``{"rid", "event": "piece", "text"}`` as text is produced, then the final
-  ``{"rid", "ok": true, "result": <GenerateResult JSON>}``.
+* ``{"op": "generate", "rid", "job", "trace", "request": <GenerateRequest JSON>, "deadline", "priority"}``
+  (deadline: UNIX seconds or null): replies ``{"rid", "event": "piece", "text"}`` as text becomes
+  final, then ``{"rid", "ok": true, "result": <GenerateResult JSON>}``, or a failure with code
+  ``cancelled``, ``expired`` (it waited for a slot past its deadline), ``unavailable`` (handed back:
+  the device is stopping), ``prompt_too_long``, ``model_error``.
 * ``{"op": "train", "rid", "job", "request": <TrainRequest JSON>}``: replies
   ``{"rid", "event": "progress", "progress": <TrainProgress JSON>}``, then the final result.
-* ``{"op": "cancel", "job"}``: stop that job at its next safe point (no reply).
+* ``{"op": "cancel", "job", "model"}``: stop that job at its next safe point (no reply).
 * ``{"op": "ping", "rid"}``: reply ``{"rid", "ok": true}``.
 
 A failure reply is ``{"rid", "ok": false, "error": {"code": <ErrorCode value>, "message", "details"}}``.

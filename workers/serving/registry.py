@@ -13,9 +13,10 @@ import tomllib
 from enum import Enum
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from producer.contract import MODEL_NAME_PATTERN, ModelKind, inference_queue
+from workers.serving.generation.limits import EngineLimits
 
 
 class RegistryError(ValueError):
@@ -29,7 +30,13 @@ class DType(str, Enum):
 
 
 class ModelSpec(BaseModel):
-    """One servable model. ``max_wait_ms`` is how long the batcher may hold a job to fill a batch."""
+    """One servable model. ``max_wait_ms`` is how long the batcher may hold a job to fill a batch.
+
+    Generate models: ``max_batch_size`` is the most sequences decoding at once; ``max_seq_len``
+    bounds prompt plus new tokens; ``max_prompt_tokens`` (default ``max_seq_len - 1``) the
+    prompt; ``kv_cache_tokens`` (default ``max_batch_size * max_seq_len``) the KV cache, in token
+    positions (see ``workers.serving.generation.limits.EngineLimits``).
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -40,6 +47,8 @@ class ModelSpec(BaseModel):
     max_batch_size: int = Field(32, ge=1, le=4096)
     max_wait_ms: float = Field(5.0, ge=0, le=10_000)
     max_seq_len: int = Field(256, ge=8, le=32_768)
+    max_prompt_tokens: int | None = Field(None, ge=1)
+    kv_cache_tokens: int | None = Field(None, ge=1)
 
     @field_validator("source")
     @classmethod
@@ -51,9 +60,23 @@ class ModelSpec(BaseModel):
             raise ValueError(f"hub source {value!r} needs a pinned revision: hub:<org>/<name>@<revision>")
         return value
 
+    @model_validator(mode="after")
+    def _generation_limits_fit(self) -> "ModelSpec":
+        if self.kind is not ModelKind.GENERATE and (self.max_prompt_tokens or self.kv_cache_tokens):
+            raise ValueError("max_prompt_tokens and kv_cache_tokens apply to generate models only")
+        if self.kind is ModelKind.GENERATE:
+            self.engine_limits()  # raises ValueError naming the limit that does not fit
+        return self
+
     @property
     def queue(self) -> str:
         return inference_queue(self.kind, self.name)
+
+    def engine_limits(self) -> EngineLimits:
+        """The generation engine's limits for this (generate) model."""
+        return EngineLimits(max_sequences=self.max_batch_size, max_seq_len=self.max_seq_len,
+                            max_prompt_tokens=self.max_prompt_tokens or self.max_seq_len - 1,
+                            kv_cache_tokens=self.kv_cache_tokens or self.max_batch_size * self.max_seq_len)
 
 
 def load_registry(path: Path) -> dict[str, ModelSpec]:

@@ -103,7 +103,8 @@ max_seq_len = 128
 [models.tiny-llama]
 kind = "generate"
 source = "dir:tiny-llama"
-max_seq_len = 512
+max_batch_size = 32
+max_seq_len = 1024
 """
 
 

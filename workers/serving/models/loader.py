@@ -16,15 +16,16 @@ log = logging.getLogger(__name__)
 
 
 def _implementation(spec: ModelSpec):
-    """The resident-model class for ``spec``: by kind, and for classifiers by what the directory holds."""
+    """What loads ``spec`` (called with the spec and the device): by kind, and for classifiers by
+    what the directory holds."""
     if spec.kind is ModelKind.EMBED:
         from workers.serving.models.embedder import Embedder
 
         return Embedder
     if spec.kind is ModelKind.GENERATE:
-        from workers.serving.models.generator import Generator
+        from workers.serving.models.generator import load_generator
 
-        return Generator
+        return load_generator
     from workers.serving.models.classifier import TextClassifier
     from workers.serving.models.feature_classifier import FeatureClassifier, is_feature_classifier
 

@@ -13,7 +13,7 @@ import tomllib
 from enum import Enum
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from producer.contract import MODEL_NAME_PATTERN, ModelKind, inference_queue
 
@@ -28,8 +28,20 @@ class DType(str, Enum):
     BF16 = "bf16"
 
 
+class Backend(str, Enum):
+    """What runs the model: PyTorch on the source directory, or ONNX Runtime on an ONNX export
+    directory (``fleet models export``; needs the ``onnx`` extra)."""
+
+    TORCH = "torch"
+    ONNXRUNTIME = "onnxruntime"
+
+
 class ModelSpec(BaseModel):
-    """One servable model. ``max_wait_ms`` is how long the batcher may hold a job to fill a batch."""
+    """One servable model. ``max_wait_ms`` is how long the batcher may hold a job to fill a batch.
+
+    With ``backend = "onnxruntime"`` the source is an ONNX export directory; only ``embed`` and
+    ``classify`` models are exported, and their precision is the export's (``dtype`` stays fp32).
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -40,6 +52,7 @@ class ModelSpec(BaseModel):
     max_batch_size: int = Field(32, ge=1, le=4096)
     max_wait_ms: float = Field(5.0, ge=0, le=10_000)
     max_seq_len: int = Field(256, ge=8, le=32_768)
+    backend: Backend = Backend.TORCH
 
     @field_validator("source")
     @classmethod
@@ -50,6 +63,17 @@ class ModelSpec(BaseModel):
         if scheme == "hub" and "@" not in value:
             raise ValueError(f"hub source {value!r} needs a pinned revision: hub:<org>/<name>@<revision>")
         return value
+
+    @model_validator(mode="after")
+    def _backend_serves_it(self) -> "ModelSpec":
+        if self.backend is Backend.ONNXRUNTIME:
+            if self.kind is ModelKind.GENERATE:
+                raise ValueError("backend onnxruntime serves embed and classify models, not generate")
+            if self.dtype is not DType.FP32:
+                raise ValueError("backend onnxruntime takes its precision from the export: leave dtype at fp32")
+            if self.source.startswith("hub:"):
+                raise ValueError("backend onnxruntime needs a local export directory (dir: or package:), not hub:")
+        return self
 
     @property
     def queue(self) -> str:
@@ -106,7 +130,9 @@ def select(registry: dict[str, ModelSpec], names: list[str]) -> list[ModelSpec]:
 def resolve_source(spec: ModelSpec) -> tuple[str, str | None]:
     """Return ``(path_or_hub_id, revision)`` for ``from_pretrained``.
 
-    ``package:`` and ``dir:`` resolve to an existing local directory (revision None).
+    ``package:`` and ``dir:`` resolve to a local directory (revision None) that holds a
+    ``config.json``; for the onnxruntime backend the export's own checks judge the directory
+    (``workers.serving.onnx_manifest``).
     ``hub:`` is refused when ``HF_HUB_OFFLINE`` is set, since nothing could be fetched.
     """
     scheme, _, rest = spec.source.partition(":")
@@ -123,6 +149,6 @@ def resolve_source(spec: ModelSpec) -> tuple[str, str | None]:
             raise RegistryError(f"model {spec.name!r}: hub source {rest!r} but HF_HUB_OFFLINE is set")
         repo, _, revision = rest.partition("@")
         return repo, revision
-    if not (directory / "config.json").is_file():
+    if spec.backend is Backend.TORCH and not (directory / "config.json").is_file():
         raise RegistryError(f"model {spec.name!r}: {directory} holds no config.json")
     return str(directory), None

@@ -152,6 +152,10 @@ def run_worker(options: WorkerOptions, settings: WorkerSettings | None = None) -
     except Exception as exc:  # noqa: BLE001 - any load failure stops the worker with its reason
         log.error("cannot start worker: loading models failed: %s: %s", type(exc).__name__, exc)
         return EXIT_LOAD_ERROR
+    specs = [spec for spec in specs if spec.name in runtime.models]  # refused models get no catalog entry or queue
+    if not specs and not options.train:
+        log.error("cannot start worker: every model was refused: %s", runtime.refused)
+        return EXIT_LOAD_ERROR
     runtime_module.install(runtime)
 
     publish_catalog(redis_client, specs)
@@ -165,6 +169,7 @@ def run_worker(options: WorkerOptions, settings: WorkerSettings | None = None) -
         return {
             "host": settings.hostname, "pid": os.getpid(), "device": choice.device, "device_name": identity["name"],
             "device_uuid": identity["uuid"], "visible_gpus": identity["visible_gpus"], "models": sorted(runtime.models), "train": options.train,
+            "refused": runtime.refused,
             "in_flight": runtime.in_flight, "jobs_done": runtime.jobs_done, "last_job_at": runtime.last_job_at, "started_at": runtime.started_at,
             "load": {n: {"load_s": r.report.load_s, "rss_bytes": r.report.rss_bytes,
                          "cuda_allocated_bytes": r.report.cuda_allocated_bytes,

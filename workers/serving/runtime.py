@@ -15,6 +15,7 @@ from producer.contract import ErrorCode, ModelKind
 from producer.errors import JobFailedError
 from workers.serving.batching import DynamicBatcher
 from workers.serving.models.report import LoadReport
+from workers.serving.refusal import ModelRefused
 from workers.serving.registry import ModelSpec
 from workers.settings import WorkerSettings
 
@@ -39,6 +40,8 @@ class WorkerRuntime:
     settings: WorkerSettings
     device: str
     models: dict[str, ResidentModel]
+    #: Models this worker was asked to serve and refused (``ModelRefused``): name -> reason.
+    refused: dict[str, str] = field(default_factory=dict)
     started_at: float = field(default_factory=time.time)
     in_flight_ids: set[str] = field(default_factory=set)
     jobs_done: int = 0
@@ -47,19 +50,26 @@ class WorkerRuntime:
 
     @classmethod
     def load(cls, settings: WorkerSettings, device: str, specs: list[ModelSpec]) -> "WorkerRuntime":
-        """Load and warm up every model in ``specs`` on ``device``; any failure propagates."""
+        """Load and warm up every model in ``specs`` on ``device``. A ``ModelRefused`` model is left out
+        (logged, listed in ``refused``); any other failure propagates."""
         from workers.serving.models.loader import load_model
 
         models: dict[str, ResidentModel] = {}
+        refused: dict[str, str] = {}
         for spec in specs:
-            impl, report = load_model(spec, device)
+            try:
+                impl, report = load_model(spec, device)
+            except ModelRefused as exc:
+                refused[spec.name] = f"{type(exc).__name__}: {exc}"
+                log.error("refusing model %s: %s", spec.name, refused[spec.name])
+                continue
             batcher = None
             if hasattr(impl, "run_batch"):
                 batcher = DynamicBatcher(spec.name, impl.run_batch, max_batch_size=spec.max_batch_size,
                                          max_wait_s=spec.max_wait_ms / 1000.0,
                                          on_out_of_memory=_release_cuda_cache if device.startswith("cuda") else None)
             models[spec.name] = ResidentModel(spec, impl, batcher, report)
-        return cls(settings=settings, device=device, models=models)
+        return cls(settings=settings, device=device, models=models, refused=refused)
 
     def model(self, name: str, kind: ModelKind) -> ResidentModel:
         """Return the resident model ``name`` or fail the job with ``unknown_model`` / ``wrong_model_kind``."""

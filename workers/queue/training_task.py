@@ -27,10 +27,15 @@ PROGRESS_INTERVAL_S = 1.0
 _KIND_SERVES = {TrainKind.MLP: "classify", TrainKind.CNN: "classify", TrainKind.CAUSAL_LM: "generate"}
 
 
-def register_trained_model(context: JobContext, name: str, kind: TrainKind, artifact: str) -> dict:
-    """Publish a registry entry for the finished model; workers started with ``--models name`` load it."""
-    entry = {"kind": _KIND_SERVES[kind], "source": f"dir:{Path(artifact).resolve()}", "max_batch_size": 64,
-             "max_wait_ms": 2, "max_seq_len": 512}
+def register_trained_model(context: JobContext, name: str, kind: TrainKind, artifact: str,
+                           onnx_artifact: str | None = None) -> dict:
+    """Publish a registry entry for the finished model; workers started with ``--models name`` load it.
+
+    With ``onnx_artifact`` the entry serves that ONNX export with ONNX Runtime instead.
+    """
+    entry = {"kind": _KIND_SERVES[kind], "source": f"dir:{Path(onnx_artifact or artifact).resolve()}",
+             "max_batch_size": 64, "max_wait_ms": 2, "max_seq_len": 512,
+             **({"backend": "onnxruntime"} if onnx_artifact else {})}
     context.redis.hset(keys.TRAINED_MODELS, name, json.dumps(entry))
     log.info("registered trained model %s (%s) from %s", name, entry["kind"], artifact)
     return entry
@@ -39,6 +44,7 @@ def register_trained_model(context: JobContext, name: str, kind: TrainKind, arti
 @app.task(name=TASK_TRAIN, bind=True, throws=(JobFailedError,), Request=FleetRequest)
 def train_task(self, *args, **kwargs) -> dict:
     """Train (payload: ``TrainRequest``; result: ``TrainResult``). Re-delivered, it resumes from its checkpoint."""
+    from workers.serving.onnx_export import ExportError, export_trained_classifier
     from workers.training.artifacts import LocalDirectoryStore
     from workers.training.errors import TrainingConfigError
     from workers.training.loop import run_training
@@ -60,6 +66,12 @@ def train_task(self, *args, **kwargs) -> dict:
         try:
             result = run_training(request, runtime.device, store, job_id=context.job_id, on_progress=report,
                                   should_stop=context.cancelled, progress_interval_s=PROGRESS_INTERVAL_S)
+            if request.export_onnx and not result.cancelled:
+                onnx_artifact = export_trained_classifier(result.artifact, request.register_as or request.kind.value)
+                result = result.model_copy(update={"onnx_artifact": onnx_artifact})
+        except ExportError as exc:
+            raise JobFailedError(ErrorCode.MODEL_ERROR.value, f"the trained model was not exported to ONNX: {exc}",
+                                 {"artifact": result.artifact}) from None
         except TrainingConfigError as exc:
             raise JobFailedError(ErrorCode.INVALID_INPUT.value, str(exc)) from None
         except Exception as exc:  # noqa: BLE001 - a training failure fails this job, never the worker
@@ -73,5 +85,5 @@ def train_task(self, *args, **kwargs) -> dict:
                  runtime.settings.artifact_dir)
         context.stop_as_cancelled()
     if request.register_as:
-        register_trained_model(context, request.register_as, request.kind, result.artifact)
+        register_trained_model(context, request.register_as, request.kind, result.artifact, result.onnx_artifact)
     return result.model_dump(mode="json")

@@ -351,7 +351,8 @@ def raw_rows(raw: dict) -> list[dict]:
 
 
 def format_table(rows: list[dict]) -> str:
-    head = f"{'system':<7} {'load':<30} {'jobs':>6} {'jobs/s':>9} {'texts/s':>9} {'p50 ms':>8} {'p90 ms':>8} " \
+    width = max([7] + [len(row["system"]) for row in rows])
+    head = f"{'system':<{width}} {'load':<30} {'jobs':>6} {'jobs/s':>9} {'texts/s':>9} {'p50 ms':>8} {'p90 ms':>8} " \
            f"{'p99 ms':>8} {'batch':>6}"
     lines = [head, "-" * len(head)]
 
@@ -364,7 +365,7 @@ def format_table(rows: list[dict]) -> str:
             extra += f"  ({row['incomplete']} unfinished)"
         if row.get("failed"):
             extra += f"  ({row['failed']} FAILED)"
-        lines.append(f"{row['system']:<7} {row['load']:<30} {('-' if row.get('jobs') is None else row['jobs']):>6} "
+        lines.append(f"{row['system']:<{width}} {row['load']:<30} {('-' if row.get('jobs') is None else row['jobs']):>6} "
                      f"{num(row.get('throughput_jobs_s')):>9} {num(row.get('throughput_texts_s')):>9} "
                      f"{num(row.get('p50_ms'), 2):>8} {num(row.get('p90_ms'), 2):>8} {num(row.get('p99_ms'), 2):>8} "
                      f"{num(row.get('mean_batch')):>6}{extra}")

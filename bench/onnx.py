@@ -41,6 +41,7 @@ from bench.run import (
     child_env,
     corpus_sentences,
     cpu_profile,
+    finish_report,
     format_table,
     format_targets,
     machine_info,
@@ -225,11 +226,10 @@ def main(argv: list[str] | None = None) -> int:
     print(format_targets(targets))
     for backend, reason in report["export_refused"].items():
         print(f"export {backend} REFUSED: {reason}")
-    print(f"\nelapsed {report['elapsed_s']:.0f} s")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=1, default=str))
-        print(f"wrote {args.out}")
+    for model, entry in report["fleet"].items():
+        if entry["bad_results"]:
+            print(f"fleet {model}: BAD RESULTS {entry['bad_results']}")
+    finish_report(report, args.out)
     return 0
 
 

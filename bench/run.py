@@ -439,6 +439,15 @@ def format_targets(targets: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def finish_report(report: dict, out: str | None) -> None:
+    """Print the elapsed time and, if ``out`` is given, write ``report`` there as JSON."""
+    print(f"\nelapsed {report['elapsed_s']:.0f} s")
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(report, indent=1, default=str))
+        print(f"wrote {out}")
+
+
 def _load() -> str:
     return " ".join(f"{x:.1f}" for x in os.getloadavg())
 
@@ -565,11 +574,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{system}: skipped {', '.join(info['skipped'])}")
         if info.get("bad_results"):
             print(f"{system}: BAD RESULTS {info['bad_results']}")
-    print(f"\nelapsed {report['elapsed_s']:.0f} s")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=1, default=str))
-        print(f"wrote {args.out}")
+    finish_report(report, args.out)
     return 0
 
 

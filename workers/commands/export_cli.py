@@ -47,6 +47,7 @@ def run_export(name: str, out: str, *, fmt: str = "onnx", quantize: str | None =
     if fmt not in FORMATS:
         print(f"fleet models export: format {fmt!r} is not one of {', '.join(FORMATS)}", file=sys.stderr)
         return 2
+    note = None
     try:
         registry, note = _registry(registry_path)
         [spec] = select(registry, [name])
@@ -58,7 +59,7 @@ def run_export(name: str, out: str, *, fmt: str = "onnx", quantize: str | None =
 
     try:
         manifest = export_model(spec, Path(out), quantize=quantize)
-    except NotExportable as exc:
+    except (NotExportable, RegistryError) as exc:
         print(f"fleet models export: {exc}", file=sys.stderr)
         return 2
     except OutputMismatch as exc:

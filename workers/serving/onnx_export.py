@@ -152,29 +152,28 @@ class Exportable:
                            input_shape=self.input_shape)
 
 
-class _MeanPooledEncoder(torch.nn.Module):
-    """Encoder + mean pooling over the attention mask: (ids, 0/1 mask) -> float32 [batch, hidden]."""
+def _mean_pooled(output, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean of the encoder's token states over the attention mask: float32 [batch, hidden]."""
+    weights = attention_mask.unsqueeze(-1).to(torch.float32)
+    return (output.last_hidden_state.float() * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
 
-    def __init__(self, encoder: torch.nn.Module):
+
+def _probabilities(output, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Softmax of a sequence classifier's logits: float32 [batch, labels]."""
+    return torch.softmax(output.logits.float(), dim=-1)
+
+
+class _TextGraph(torch.nn.Module):
+    """A transformers text model and what Fleet computes after it inside the graph
+    (``finish(model output, mask)``): (ids, 0/1 mask) -> float32 [batch, n]."""
+
+    def __init__(self, model: torch.nn.Module, finish: Callable[[object, torch.Tensor], torch.Tensor]):
         super().__init__()
-        self.encoder = encoder
+        self.model = model
+        self.finish = finish
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        weights = attention_mask.unsqueeze(-1).to(torch.float32)
-        return (hidden.float() * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
-
-
-class _TextProbabilities(torch.nn.Module):
-    """Sequence classifier + softmax: (ids, 0/1 mask) -> float32 [batch, labels]."""
-
-    def __init__(self, classifier: torch.nn.Module):
-        super().__init__()
-        self.classifier = classifier
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        logits = self.classifier(input_ids=input_ids, attention_mask=attention_mask).logits
-        return torch.softmax(logits.float(), dim=-1)
+        return self.finish(self.model(input_ids=input_ids, attention_mask=attention_mask), attention_mask)
 
 
 class _FeatureProbabilities(torch.nn.Module):
@@ -231,10 +230,11 @@ def _text_exportable(spec: ModelSpec) -> Exportable:
                   check_batches=checks, source=_source_model(spec, Path(location)), max_positions=max_positions,
                   save_beside=tokenizer.save_pretrained)
     if spec.kind is ModelKind.EMBED:
-        return Exportable(module=_MeanPooledEncoder(model).eval(), kind=ModelKind.EMBED,
+        return Exportable(module=_TextGraph(model, _mean_pooled).eval(), kind=ModelKind.EMBED,
                           dim=int(model.config.hidden_size), **common)
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
-    return Exportable(module=_TextProbabilities(model).eval(), kind=ModelKind.CLASSIFY, labels=labels, **common)
+    return Exportable(module=_TextGraph(model, _probabilities).eval(), kind=ModelKind.CLASSIFY, labels=labels,
+                      **common)
 
 
 def _feature_exportable(spec: ModelSpec) -> Exportable:

@@ -61,7 +61,8 @@ def export_minilm(workdir: Path, redis_url: str, profile: Profile) -> tuple[Path
     from workers.settings import WorkerSettings
 
     base = load_registry(WorkerSettings().model_registry)["minilm"]
-    limits = f"max_batch_size = {base.max_batch_size}\nmax_wait_ms = {base.max_wait_ms}\nmax_seq_len = {base.max_seq_len}\n"
+    limits = (f"max_batch_size = {base.max_batch_size}\nmax_wait_ms = {base.max_wait_ms}\n"
+              f"max_seq_len = {base.max_seq_len}\n")
     tables = [f'[models.minilm]\nkind = "embed"\nsource = "{base.source}"\n{limits}']
     refused: dict[str, str] = {}
     for backend, (model, precision) in BACKENDS.items():
@@ -127,7 +128,8 @@ def evaluate(raw: dict, fleet: dict, agreement: dict) -> tuple[list[dict], dict]
             continue
         ratios[backend] = {
             "raw_batch1": raw[model]["batch1"]["texts_s"] / raw[torch_model]["batch1"]["texts_s"],
-            "raw_batch32": raw[model]["batches"]["32"]["e2e_texts_s"] / raw[torch_model]["batches"]["32"]["e2e_texts_s"],
+            "raw_batch32": (raw[model]["batches"]["32"]["e2e_texts_s"]
+                            / raw[torch_model]["batches"]["32"]["e2e_texts_s"]),
             "fleet_saturated": (fleet[model].throughput_jobs_s / fleet[torch_model].throughput_jobs_s
                                 if model in fleet and torch_model in fleet else None),
         }
@@ -141,8 +143,8 @@ def evaluate(raw: dict, fleet: dict, agreement: dict) -> tuple[list[dict], dict]
 def raw_rows(backend: str, raw: dict) -> list[dict]:
     batch1, batch32 = raw["batch1"], raw["batches"]["32"]
     return [{"system": f"raw {backend}", "load": "batch 1 (embed one text)", "jobs": batch1["n"],
-             "throughput_jobs_s": batch1["texts_s"], "throughput_texts_s": batch1["texts_s"], "p50_ms": batch1["p50_ms"],
-             "p90_ms": batch1["p90_ms"], "p99_ms": batch1["p99_ms"], "mean_batch": 1},
+             "throughput_jobs_s": batch1["texts_s"], "throughput_texts_s": batch1["texts_s"],
+             "p50_ms": batch1["p50_ms"], "p90_ms": batch1["p90_ms"], "p99_ms": batch1["p99_ms"], "mean_batch": 1},
             {"system": f"raw {backend}", "load": "batch 32 (embed)", "jobs": None, "throughput_jobs_s": None,
              "throughput_texts_s": batch32["e2e_texts_s"], "mean_batch": 32}]
 
@@ -187,8 +189,8 @@ def main(argv: list[str] | None = None) -> int:
         registry, refused = export_minilm(workdir, server.url, base)
         report["export_refused"] = refused
         models = [model for backend, (model, _) in BACKENDS.items() if backend not in refused]
-        profiles = {model: dataclasses.replace(base, model=model, env={**base.env, "FLEET_MODEL_REGISTRY": str(registry)})
-                    for model in models}
+        env = {**base.env, "FLEET_MODEL_REGISTRY": str(registry)}
+        profiles = {model: dataclasses.replace(base, model=model, env=env) for model in models}
         for backend, (model, _) in BACKENDS.items():
             if model in profiles:
                 report["raw"][model] = run_raw(profiles[model], server.url, texts_file, workdir)

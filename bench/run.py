@@ -365,7 +365,8 @@ def format_table(rows: list[dict]) -> str:
             extra += f"  ({row['incomplete']} unfinished)"
         if row.get("failed"):
             extra += f"  ({row['failed']} FAILED)"
-        lines.append(f"{row['system']:<{width}} {row['load']:<30} {('-' if row.get('jobs') is None else row['jobs']):>6} "
+        jobs = "-" if row.get("jobs") is None else row["jobs"]
+        lines.append(f"{row['system']:<{width}} {row['load']:<30} {jobs:>6} "
                      f"{num(row.get('throughput_jobs_s')):>9} {num(row.get('throughput_texts_s')):>9} "
                      f"{num(row.get('p50_ms'), 2):>8} {num(row.get('p90_ms'), 2):>8} {num(row.get('p99_ms'), 2):>8} "
                      f"{num(row.get('mean_batch')):>6}{extra}")

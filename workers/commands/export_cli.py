@@ -70,6 +70,6 @@ def run_export(name: str, out: str, *, fmt: str = "onnx", quantize: str | None =
     for agreement in manifest.agreement:
         print(f"  {agreement.metric} against {agreement.against} over {agreement.samples} inputs: "
               f"worst {agreement.worst:.6g}, mean {agreement.mean:.6g}")
-    print(f"serve it with ONNX Runtime: add to your registry\n\n[models.{name}-onnx]\nkind = \"{manifest.kind.value}\"\n"
-          f"source = \"dir:{directory}\"\nbackend = \"onnxruntime\"")
+    print(f"serve it with ONNX Runtime: add to your registry\n\n[models.{name}-onnx]\n"
+          f"kind = \"{manifest.kind.value}\"\nsource = \"dir:{directory}\"\nbackend = \"onnxruntime\"")
     return 0

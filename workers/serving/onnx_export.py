@@ -336,7 +336,8 @@ def write_export(exportable: Exportable, out_dir: Path, quantize: str | None = N
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     log.info("exported %s to %s (%s, %s)", exportable.source.name, out_dir, manifest.precision,
-             ", ".join(f"{a.metric} vs {a.against}: worst {a.worst:.6g}, mean {a.mean:.6g}" for a in manifest.agreement))
+             ", ".join(f"{a.metric} vs {a.against}: worst {a.worst:.6g}, mean {a.mean:.6g}"
+                       for a in manifest.agreement))
     return manifest
 
 

@@ -1,8 +1,9 @@
 """The raw model in-process: what the device does with no queue, no Celery and no Redis.
 
-Run by ``bench.run`` in a child process (so its threads and device memory are gone before
-the workers start); prints one JSON object. Uses Fleet's own ``Embedder`` with the same
-registry entry the worker loads, so "raw" and "Fleet" run the same forward code:
+Run by ``bench.run`` and ``bench.onnx`` in a child process (so its threads and device memory
+are gone before the workers start); prints one JSON object. Uses Fleet's own embedder class for
+the registry entry the worker loads (``Embedder``, or ``OnnxEmbedder`` for the onnxruntime
+backend), so "raw" and "Fleet" run the same forward code:
 
 * ``batch1``: ``embed([text])`` per text, one after another (tokenise, forward, pool,
   normalise, convert to lists): latency percentiles and throughput.
@@ -45,13 +46,14 @@ def measure(device: str, model: str, texts: list[str], batch_sizes: list[int], s
             sweep_texts: int, min_sweep_s: float, max_phase_s: float = 10.0) -> dict:
     import torch
 
-    from workers.serving.models.embedder import Embedder, finish_vectors
+    from workers.serving.models.embedder import finish_vectors
+    from workers.serving.models.loader import implementation_for
     from workers.serving.registry import load_registry
     from workers.settings import WorkerSettings
 
     spec = load_registry(WorkerSettings().model_registry)[model]
     started = time.perf_counter()
-    embedder = Embedder(spec, device)
+    embedder = implementation_for(spec)(spec, device)
     embedder.warmup()
     out: dict = {"model": model, "device": device, "dtype": str(embedder.dtype).removeprefix("torch."),
                  "load_and_warmup_s": time.perf_counter() - started, "max_batch_size": spec.max_batch_size,

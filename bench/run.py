@@ -351,7 +351,8 @@ def raw_rows(raw: dict) -> list[dict]:
 
 
 def format_table(rows: list[dict]) -> str:
-    head = f"{'system':<7} {'load':<30} {'jobs':>6} {'jobs/s':>9} {'texts/s':>9} {'p50 ms':>8} {'p90 ms':>8} " \
+    width = max([7] + [len(row["system"]) for row in rows])
+    head = f"{'system':<{width}} {'load':<30} {'jobs':>6} {'jobs/s':>9} {'texts/s':>9} {'p50 ms':>8} {'p90 ms':>8} " \
            f"{'p99 ms':>8} {'batch':>6}"
     lines = [head, "-" * len(head)]
 
@@ -364,7 +365,8 @@ def format_table(rows: list[dict]) -> str:
             extra += f"  ({row['incomplete']} unfinished)"
         if row.get("failed"):
             extra += f"  ({row['failed']} FAILED)"
-        lines.append(f"{row['system']:<7} {row['load']:<30} {('-' if row.get('jobs') is None else row['jobs']):>6} "
+        jobs = "-" if row.get("jobs") is None else row["jobs"]
+        lines.append(f"{row['system']:<{width}} {row['load']:<30} {jobs:>6} "
                      f"{num(row.get('throughput_jobs_s')):>9} {num(row.get('throughput_texts_s')):>9} "
                      f"{num(row.get('p50_ms'), 2):>8} {num(row.get('p90_ms'), 2):>8} {num(row.get('p99_ms'), 2):>8} "
                      f"{num(row.get('mean_batch')):>6}{extra}")
@@ -436,6 +438,15 @@ def format_targets(targets: list[dict]) -> str:
                      f"{'ahead' if t['margin'] >= 0 else 'short'} by {abs(t['margin']):.3g})"
                      + (f" [{t['note']}]" if t["note"] else ""))
     return "\n".join(lines)
+
+
+def finish_report(report: dict, out: str | None) -> None:
+    """Print the elapsed time and, if ``out`` is given, write ``report`` there as JSON."""
+    print(f"\nelapsed {report['elapsed_s']:.0f} s")
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(report, indent=1, default=str))
+        print(f"wrote {out}")
 
 
 def _load() -> str:
@@ -564,11 +575,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{system}: skipped {', '.join(info['skipped'])}")
         if info.get("bad_results"):
             print(f"{system}: BAD RESULTS {info['bad_results']}")
-    print(f"\nelapsed {report['elapsed_s']:.0f} s")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=1, default=str))
-        print(f"wrote {args.out}")
+    finish_report(report, args.out)
     return 0
 
 

@@ -20,7 +20,7 @@ python="${PYTHON:-python3}"
 
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 extras="worker"
-[ "$mode" = test ] && extras="worker,dev"
+[ "$mode" = test ] && extras="worker,onnx,dev"
 stamp=".venv/.fleet-installed-$(cat pyproject.toml | sha256sum | cut -c1-16)-$extras"
 if [ ! -f "$stamp" ]; then
   .venv/bin/python -m pip install -q --upgrade pip

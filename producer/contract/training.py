@@ -15,6 +15,7 @@ from typing import Annotated, Any, Optional
 
 from pydantic import (
     Field,
+    StrictBool,
     StrictFloat,
     StrictInt,
     StrictStr,
@@ -27,6 +28,7 @@ from producer.contract.common import MODEL_NAME_PATTERN, PROTOCOL_VERSION, WireM
 
 __all__ = [
     "TrainKind", "Precision", "DATASETS_FOR_KIND", "DEFAULTS_FOR_KIND", "MAX_LOSS_CURVE_POINTS",
+    "ONNX_EXPORTABLE_KINDS",
     "TrainRequest", "TrainProgress", "TrainResult",
 ]
 
@@ -59,6 +61,9 @@ DATASETS_FOR_KIND: dict[TrainKind, tuple[str, ...]] = {
     TrainKind.CAUSAL_LM: ("corpus",),
 }
 
+#: The kinds whose finished model ``export_onnx`` can export (classifiers; text generation is not exported).
+ONNX_EXPORTABLE_KINDS = (TrainKind.MLP, TrainKind.CNN)
+
 #: Values a request of each kind takes for the fields it leaves out.
 DEFAULTS_FOR_KIND: dict[TrainKind, dict[str, Any]] = {
     TrainKind.MLP: {"dataset": "digits", "epochs": 30, "batch_size": 64, "learning_rate": 1e-2},
@@ -82,7 +87,9 @@ class TrainRequest(WireModel):
     fables for the LM) and never trained on. The worker writes a checkpoint every
     ``checkpoint_every_steps`` optimizer steps and resumes from the newest one when the
     same job runs again. With ``register_as`` the finished model is registered for
-    serving under that name.
+    serving under that name. With ``export_onnx`` (``mlp`` and ``cnn`` only) the finished model
+    is also exported to ONNX (fp32, checked against PyTorch) beside it, and ``register_as``
+    then serves that export with ONNX Runtime.
     """
 
     v: StrictInt = PROTOCOL_VERSION
@@ -100,6 +107,7 @@ class TrainRequest(WireModel):
     checkpoint_every_steps: Annotated[StrictInt, Field(ge=1)] = 50
     eval_fraction: Annotated[StrictFloat, Field(gt=0.0, lt=0.5)] = 0.2
     register_as: Optional[ModelName] = None
+    export_onnx: StrictBool = False
 
     @model_validator(mode="before")
     @classmethod
@@ -127,6 +135,13 @@ class TrainRequest(WireModel):
                 f"dataset {value!r} is not one that kind {kind.value!r} trains on; known: {', '.join(known)}"
             )
         return value
+
+    @model_validator(mode="after")
+    def _export_fits_kind(self) -> "TrainRequest":
+        if self.export_onnx and self.kind not in ONNX_EXPORTABLE_KINDS:
+            known = ", ".join(kind.value for kind in ONNX_EXPORTABLE_KINDS)
+            raise ValueError(f"export_onnx is for kinds {known}; a {self.kind.value} model is served by PyTorch only")
+        return self
 
 
 class TrainProgress(WireModel):
@@ -159,6 +174,8 @@ class TrainResult(WireModel):
     the final model directory; for a cancelled job, which has no final model, it is the
     location of the checkpoint written on cancel, and ``metrics`` holds only
     ``val_loss_start`` and ``train_seconds``.
+    ``onnx_artifact`` is the location of the ONNX export when the request asked for one
+    (``export_onnx``), else null.
     """
 
     kind: TrainKind
@@ -170,3 +187,4 @@ class TrainResult(WireModel):
     resumed_from_step: int
     artifact: str
     cancelled: bool
+    onnx_artifact: Optional[str] = None

@@ -83,6 +83,12 @@ def _cmd_models_init_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_models_export(args: argparse.Namespace) -> int:
+    from workers.commands.export_cli import run_export
+
+    return run_export(args.name, args.out, fmt=args.format, quantize=args.quantize, registry_path=args.registry)
+
+
 def _cmd_dlq(args: argparse.Namespace) -> int:
     import json
 
@@ -170,6 +176,13 @@ def build_parser() -> argparse.ArgumentParser:
     init_demo = model_commands.add_parser("init-demo", help="write a tiny Llama, a topic classifier and a registry")
     init_demo.add_argument("--dir", default="var/models", help="where to write them (default var/models)")
     init_demo.set_defaults(func=_cmd_models_init_demo)
+    export = model_commands.add_parser("export", help="export a model to ONNX, checked against PyTorch")
+    export.add_argument("name", help="a model of the registry, or one a training job registered")
+    export.add_argument("--format", choices=["onnx"], default="onnx", help="onnx (the only format)")
+    export.add_argument("--out", required=True, help="the export directory to write (or replace)")
+    export.add_argument("--quantize", choices=["int8"], default=None, help="int8: dynamic int8 quantization")
+    export.add_argument("--registry", default=None, help="model registry TOML (default $FLEET_MODEL_REGISTRY)")
+    export.set_defaults(func=_cmd_models_export)
 
     dead = commands.add_parser("dlq", help="inspect and retry dead-lettered jobs")
     dead_commands = dead.add_subparsers(dest="dlq_command", required=True)
@@ -190,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None)
     train.add_argument("--seed", type=int, default=None)
     train.add_argument("--register-as", default=None, help="serve the finished model under this name")
+    train.add_argument("--export-onnx", action="store_true", default=None,
+                       help="also export the finished mlp/cnn to ONNX (served with ONNX Runtime if registered)")
     train.add_argument("--follow", action="store_true", help="show live progress and the final metrics")
     train.set_defaults(func=_cmd_train)
 

@@ -13,7 +13,8 @@ from producer import FleetClient, FleetError
 
 #: ``fleet train`` option -> TrainRequest field.
 FIELDS = {"epochs": "epochs", "batch_size": "batch_size", "lr": "learning_rate", "grad_accum": "grad_accum_steps",
-          "precision": "precision", "seed": "seed", "register_as": "register_as"}
+          "precision": "precision", "seed": "seed", "register_as": "register_as",
+          "export_onnx": "export_onnx"}
 POLL_S = 0.5
 
 
@@ -62,5 +63,7 @@ def run_train_command(args: argparse.Namespace) -> int:
         table.add_row(name, f"{value:.4f}")
     table.add_row("optimizer steps", str(result.steps))
     table.add_row("artifact", result.artifact)
+    if result.onnx_artifact:
+        table.add_row("onnx export", result.onnx_artifact)
     console.print(table)
     return 0

@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from producer.contract import TRAINING_QUEUE
 from workers.process.status_board import State, StatusBoard
 
 log = logging.getLogger("fleet.consumer")
@@ -31,7 +32,8 @@ class ConsumerConfig:
     worker_name: str
     node_name: str
     index: int
-    queues: list[str]
+    #: Also take training jobs (queue ``fleet.training``); the models' queues come with the cards.
+    train: bool
     concurrency: int
     address: str
     board_path: str
@@ -101,6 +103,7 @@ def consumer_main(config: ConsumerConfig, cards_pipe: Any) -> None:
                               cards={card["name"]: ModelCard.from_dict(card) for card in message["cards"]},
                               client=DeviceClient(config.address, board))
     runtime_module.install(runtime)
+    queues = [card.queue for card in runtime.cards.values()] + ([TRAINING_QUEUE] if config.train else [])
 
     from producer.redis_connection import redis_client
     from workers.observability import telemetry
@@ -131,7 +134,7 @@ def consumer_main(config: ConsumerConfig, cards_pipe: Any) -> None:
         runtime.client.close()
 
     def on_ready(**_: object) -> None:
-        log.info("consumer %s ready: consuming %s", config.node_name, ", ".join(config.queues))
+        log.info("consumer %s ready: consuming %s", config.node_name, ", ".join(queues))
 
     def on_shutdown(**_: object) -> None:
         board.set_consumer(config.index, State.DRAINING)
@@ -142,7 +145,7 @@ def consumer_main(config: ConsumerConfig, cards_pipe: Any) -> None:
     signals.worker_ready.connect(on_ready, weak=False)
     signals.worker_shutting_down.connect(on_shutdown, weak=False)
     worker = app.Worker(hostname=config.node_name, pool="threads", concurrency=config.concurrency,
-                        queues=config.queues, loglevel=settings.log_level.upper(), without_mingle=True,
+                        queues=queues, loglevel=settings.log_level.upper(), without_mingle=True,
                         without_gossip=True, optimization="fair")
     try:
         worker.start()

@@ -40,7 +40,6 @@ from typing import Any
 import redis
 
 from producer import keys, redis_connection
-from producer.contract import TRAINING_QUEUE
 from workers.observability.logs import configure_logging
 from workers.process.devices import DeviceError, parse_device, pin_cuda_device
 from workers.process.health import Heartbeat
@@ -187,7 +186,6 @@ class WorkerGroup:
         self.options, self.settings, self.specs = options, settings, specs
         self.redis, self.stop = redis_client, stop
         self.name = worker_name(options, requested, settings.hostname)
-        self.queues = [spec.queue for spec in specs] + ([TRAINING_QUEUE] if options.train else [])
         # A training-only worker takes one job at a time, so that queued training jobs stay in
         # Redis (visible to autoscalers) instead of waiting in this group.
         self.concurrency = 1 if options.train and not specs else settings.concurrency
@@ -246,7 +244,7 @@ class WorkerGroup:
 
         receive, send = self.context.Pipe(duplex=False)
         config = ConsumerConfig(worker_name=self.name, node_name=consumer_node_name(self.name, index), index=index,
-                                queues=self.queues, concurrency=self.concurrency, address=self.address,
+                                train=self.options.train, concurrency=self.concurrency, address=self.address,
                                 board_path=str(self.board.path), run_sweeper=index == 0,
                                 settings=self._settings_dict())
         process = self.context.Process(target=consumer_main, args=(config, receive), name=f"fleet-consumer-{index}")
@@ -267,8 +265,12 @@ class WorkerGroup:
         ready = self._wait_for_device()
         if ready is None:
             return self._shutdown(EXIT_LOAD_ERROR if not self.stop.requested else 0)
+        served = {card["name"] for card in ready["cards"]}
+        if not served and not self.options.train:
+            log.error("cannot start worker: every model was refused: %s", ready.get("refused"))
+            return self._shutdown(EXIT_LOAD_ERROR)
         self.cards = ready
-        publish_catalog(self.redis, self.specs)
+        publish_catalog(self.redis, [spec for spec in self.specs if spec.name in served])
         for process in self.consumers:
             process.cards_pipe.send(ready)
         self.heartbeat = Heartbeat(self.redis, self.name, self.snapshot, self.settings.heartbeat_interval_s,
@@ -309,7 +311,7 @@ class WorkerGroup:
                 self.heartbeat.ready = ready
                 self.heartbeat.beat()
                 if ready:
-                    log.info("worker %s ready: consuming %s", self.name, ", ".join(self.queues))
+                    log.info("worker %s ready", self.name)
             time.sleep(WATCH_S)
         return self._shutdown(0)
 
@@ -389,6 +391,7 @@ class WorkerGroup:
                            "tick_age_s": round(time.monotonic() - c.tick, 3) if c.tick else None}
                           for c in consumers],
             "load": {card["name"]: card["load"] for card in cards},
+            "refused": (self.cards or {}).get("refused", {}),
             **self.stats,
         }
 

@@ -38,10 +38,11 @@ _training_slot = threading.Semaphore(1)
 _KIND_SERVES = {TrainKind.MLP: "classify", TrainKind.CNN: "classify", TrainKind.CAUSAL_LM: "generate"}
 
 
-def registry_entry(kind: TrainKind, model_directory: str | Path) -> dict:
-    """The ``fleet:trained-models`` entry that serves the model in ``model_directory``."""
+def registry_entry(kind: TrainKind, model_directory: str | Path, onnx: bool = False) -> dict:
+    """The ``fleet:trained-models`` entry that serves the model in ``model_directory`` (with ``onnx``: an
+    ONNX export of it, served with ONNX Runtime)."""
     return {"kind": _KIND_SERVES[kind], "source": f"dir:{Path(model_directory).resolve()}", "max_batch_size": 64,
-            "max_wait_ms": 2, "max_seq_len": 512}
+            "max_wait_ms": 2, "max_seq_len": 512, **({"backend": "onnxruntime"} if onnx else {})}
 
 
 def own_registry_entry(store, job_id: str, kind: TrainKind) -> dict | None:
@@ -72,10 +73,12 @@ def refuse_taken_name(context: JobContext, registry_path: Path, name: str, own_e
                              "choose another name", {"register_as": name, "held_by": holder})
 
 
-def register_trained_model(context: JobContext, name: str, kind: TrainKind, artifact: str) -> dict:
-    """Publish a registry entry for the finished model, unless another job took ``name`` meanwhile
-    (``model_name_taken``; the model stays in the artifact store). Workers started with ``--models name`` load it."""
-    entry = registry_entry(kind, artifact)
+def register_trained_model(context: JobContext, name: str, kind: TrainKind, artifact: str,
+                           onnx_artifact: str | None = None) -> dict:
+    """Publish a registry entry for the finished model (its ONNX export, if it has one), unless another job
+    took ``name`` meanwhile (``model_name_taken``; the model stays in the artifact store). Workers started
+    with ``--models name`` load it."""
+    entry = registry_entry(kind, onnx_artifact or artifact, onnx=onnx_artifact is not None)
     if not context.redis.hsetnx(keys.TRAINED_MODELS, name, json.dumps(entry)):
         if json.loads(context.redis.hget(keys.TRAINED_MODELS, name)) != entry:
             raise JobFailedError(ErrorCode.MODEL_NAME_TAKEN.value,
@@ -125,6 +128,7 @@ def train_task(self, *args, **kwargs) -> dict:
         log.info("training job %s cancelled at step %s; checkpoint kept", context.job_id, result.get("steps"))
         context.stop_as_cancelled()
     if request.register_as:
-        register_trained_model(context, request.register_as, request.kind, result["artifact"])
+        register_trained_model(context, request.register_as, request.kind, result["artifact"],
+                               result.get("onnx_artifact"))
     return result
 

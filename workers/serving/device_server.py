@@ -389,6 +389,7 @@ class DeviceServer:
 
     def _train(self, identity: bytes, header: dict[str, Any]) -> None:
         from producer.contract import TrainRequest
+        from workers.serving.onnx_export import ExportError, export_trained_classifier
         from workers.training.artifacts import LocalDirectoryStore
         from workers.training.errors import TrainingConfigError
         from workers.training.loop import run_training
@@ -405,7 +406,13 @@ class DeviceServer:
                 result = run_training(request, self.device, LocalDirectoryStore(self.settings.artifact_dir),
                                       job_id=job, on_progress=report, should_stop=lambda: self._is_cancelled(job),
                                       progress_interval_s=float(header.get("progress_interval_s", 1.0)))
+                if request.export_onnx and not result.cancelled:
+                    result = result.model_copy(update={"onnx_artifact": export_trained_classifier(
+                        result.artifact, request.register_as or request.kind.value)})
             reply = ipc.pack({"rid": rid, "ok": True, "result": result.model_dump(mode="json")})
+        except ExportError as exc:
+            reply = ipc.error_reply(rid, ErrorCode.MODEL_ERROR.value,
+                                    f"the trained model was not exported to ONNX: {exc}", {"artifact": result.artifact})
         except TrainingConfigError as exc:
             reply = ipc.error_reply(rid, ErrorCode.INVALID_INPUT.value, str(exc))
         except Exception as exc:  # noqa: BLE001 - a failed training job fails that job only
@@ -483,7 +490,8 @@ class _JobReply:
 
 def device_main(config: DeviceConfig, ready: Any) -> None:
     """Entry point of the spawned device process. ``ready`` is a multiprocessing Connection:
-    it gets ``{"ok": True, "device", "identity", "cards"}`` once the models are loaded, or
+    it gets ``{"ok": True, "device", "identity", "cards", "refused"}`` once the models are loaded
+    (``refused``: model name -> why, for models whose files cannot be served), or
     ``{"ok": False, "error"}`` (and the process exits with code 3) if loading failed."""
     from workers.observability.logs import configure_logging
     from workers.process.parent_watch import die_with_parent
@@ -508,15 +516,22 @@ def device_main(config: DeviceConfig, ready: Any) -> None:
 
         from workers.process.devices import choose_device, device_identity
         from workers.serving.models.loader import load_model
+        from workers.serving.refusal import ModelRefused
 
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
         choice = choose_device(config.device)
         log.info("device %s: %s", choice.device, choice.reason)
         residents: dict[str, _Resident] = {}
+        refused: dict[str, str] = {}
         for slot, raw_spec in enumerate(config.specs):
             spec = ModelSpec.model_validate(raw_spec)
-            impl, report = load_model(spec, choice.device)
+            try:
+                impl, report = load_model(spec, choice.device)
+            except ModelRefused as exc:  # this model's files cannot be served: serve the others
+                refused[spec.name] = f"{type(exc).__name__}: {exc}"
+                log.error("refusing model %s: %s", spec.name, refused[spec.name])
+                continue
             residents[spec.name] = _Resident(spec, impl, report, slot, board, choice.device)
         server = DeviceServer(residents, config.address, board, settings, choice.device)
         from workers.observability import telemetry
@@ -533,7 +548,7 @@ def device_main(config: DeviceConfig, ready: Any) -> None:
         log.error("device process cannot start: %s: %s", type(exc).__name__, exc)
         raise SystemExit(3) from None
     board.set_device(State.READY, metrics_port=metrics_port)
-    ready.send({"ok": True, "device": choice.device, "identity": identity,
+    ready.send({"ok": True, "device": choice.device, "identity": identity, "refused": refused,
                 "cards": [resident.card() for resident in residents.values()]})
     try:
         server.serve()

@@ -29,6 +29,14 @@ class DType(str, Enum):
     BF16 = "bf16"
 
 
+class Backend(str, Enum):
+    """What runs the model: PyTorch on the source directory, or ONNX Runtime on an ONNX export
+    directory (``fleet models export``; needs the ``onnx`` extra)."""
+
+    TORCH = "torch"
+    ONNXRUNTIME = "onnxruntime"
+
+
 class ModelSpec(BaseModel):
     """One servable model. ``max_wait_ms`` is how long the batcher may hold a job to fill a batch.
 
@@ -36,6 +44,9 @@ class ModelSpec(BaseModel):
     bounds prompt plus new tokens; ``max_prompt_tokens`` (default ``max_seq_len - 1``) the
     prompt; ``kv_cache_tokens`` (default ``max_batch_size * max_seq_len``) the KV cache, in token
     positions (see ``workers.serving.generation.limits.EngineLimits``).
+
+    With ``backend = "onnxruntime"`` the source is an ONNX export directory; only ``embed`` and
+    ``classify`` models are exported, and their precision is the export's (``dtype`` stays fp32).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -49,6 +60,7 @@ class ModelSpec(BaseModel):
     max_seq_len: int = Field(256, ge=8, le=32_768)
     max_prompt_tokens: int | None = Field(None, ge=1)
     kv_cache_tokens: int | None = Field(None, ge=1)
+    backend: Backend = Backend.TORCH
 
     @field_validator("source")
     @classmethod
@@ -66,6 +78,17 @@ class ModelSpec(BaseModel):
             raise ValueError("max_prompt_tokens and kv_cache_tokens apply to generate models only")
         if self.kind is ModelKind.GENERATE:
             self.engine_limits()  # raises ValueError naming the limit that does not fit
+        return self
+
+    @model_validator(mode="after")
+    def _backend_serves_it(self) -> "ModelSpec":
+        if self.backend is Backend.ONNXRUNTIME:
+            if self.kind is ModelKind.GENERATE:
+                raise ValueError("backend onnxruntime serves embed and classify models, not generate")
+            if self.dtype is not DType.FP32:
+                raise ValueError("backend onnxruntime takes its precision from the export: leave dtype at fp32")
+            if self.source.startswith("hub:"):
+                raise ValueError("backend onnxruntime needs a local export directory (dir: or package:), not hub:")
         return self
 
     @property
@@ -129,7 +152,9 @@ def select(registry: dict[str, ModelSpec], names: list[str]) -> list[ModelSpec]:
 def resolve_source(spec: ModelSpec) -> tuple[str, str | None]:
     """Return ``(path_or_hub_id, revision)`` for ``from_pretrained``.
 
-    ``package:`` and ``dir:`` resolve to an existing local directory (revision None).
+    ``package:`` and ``dir:`` resolve to a local directory (revision None) that holds a
+    ``config.json``; for the onnxruntime backend the export's own checks judge the directory
+    (``workers.serving.onnx_manifest``).
     ``hub:`` is refused when ``HF_HUB_OFFLINE`` is set, since nothing could be fetched.
     """
     scheme, _, rest = spec.source.partition(":")
@@ -146,6 +171,6 @@ def resolve_source(spec: ModelSpec) -> tuple[str, str | None]:
             raise RegistryError(f"model {spec.name!r}: hub source {rest!r} but HF_HUB_OFFLINE is set")
         repo, _, revision = rest.partition("@")
         return repo, revision
-    if not (directory / "config.json").is_file():
+    if spec.backend is Backend.TORCH and not (directory / "config.json").is_file():
         raise RegistryError(f"model {spec.name!r}: {directory} holds no config.json")
     return str(directory), None

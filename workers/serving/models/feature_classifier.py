@@ -25,6 +25,15 @@ def is_feature_classifier(spec: ModelSpec) -> bool:
     return scheme == "dir" and (Path(spec.source[4:]) / CLASSIFIER_CONFIG).is_file()
 
 
+def check_feature_lengths(model: str, features: int, inputs: list[list[float]]) -> list[list[float]]:
+    """Refuse (``invalid_input``) vectors whose length is not ``features``; return them unchanged."""
+    wrong = [i for i, vector in enumerate(inputs) if len(vector) != features]
+    if wrong:
+        raise JobFailedError(ErrorCode.INVALID_INPUT.value, f"model {model!r} takes {features} features per input",
+                             {"inputs_with_wrong_length": wrong[:20]})
+    return inputs
+
+
 class FeatureClassifier:
     """A resident MLP/CNN classifier; ``run_batch`` is called only by its batcher's device thread."""
 
@@ -43,12 +52,7 @@ class FeatureClassifier:
 
     def check_features(self, inputs: list[list[float]]) -> list[list[float]]:
         """Refuse (``invalid_input``) vectors of the wrong length; return them unchanged."""
-        wrong = [i for i, vector in enumerate(inputs) if len(vector) != self.features]
-        if wrong:
-            raise JobFailedError(ErrorCode.INVALID_INPUT.value,
-                                 f"model {self.spec.name!r} takes {self.features} features per input",
-                                 {"inputs_with_wrong_length": wrong[:20]})
-        return inputs
+        return check_feature_lengths(self.spec.name, self.features, inputs)
 
     @torch.inference_mode()
     def run_batch(self, vectors: list[list[float]], info: object = None) -> list[torch.Tensor]:

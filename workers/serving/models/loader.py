@@ -10,14 +10,18 @@ import torch
 from producer.contract import ModelKind
 from workers.serving.models.base import memory_snapshot
 from workers.serving.models.report import LoadReport
-from workers.serving.registry import ModelSpec
+from workers.serving.registry import Backend, ModelSpec
 
 log = logging.getLogger(__name__)
 
 
-def _implementation(spec: ModelSpec):
-    """What loads ``spec`` (called with the spec and the device): by kind, and for classifiers by
-    what the directory holds."""
+def implementation_for(spec: ModelSpec):
+    """What builds ``spec``'s resident model from ``(spec, device)``: ONNX Runtime's for the onnxruntime
+    backend, else the PyTorch class by kind, and for classifiers by what the directory holds."""
+    if spec.backend is Backend.ONNXRUNTIME:
+        from workers.serving.models.onnx_models import open_onnx_model
+
+        return open_onnx_model
     if spec.kind is ModelKind.EMBED:
         from workers.serving.models.embedder import Embedder
 
@@ -35,20 +39,24 @@ def _implementation(spec: ModelSpec):
 def load_model(spec: ModelSpec, device: str):
     """Load ``spec`` onto ``device``, warm it up, and return ``(model, LoadReport)``.
 
-    Raises whatever loading raised; the caller stops the worker rather than serve half the models.
+    Raises whatever loading raised. ``ModelRefused`` (``workers.serving.refusal``) means this
+    model's files cannot be served and the worker serves its other models; anything else stops
+    the worker rather than serve half the models.
     """
     started = time.perf_counter()
-    model = _implementation(spec)(spec, device)
+    model = implementation_for(spec)(spec, device)
     loaded = time.perf_counter()
     model.warmup()
     if device.startswith("cuda"):
         torch.cuda.synchronize(device)
     warmed = time.perf_counter()
-    parameters = sum(p.numel() for p in model.model.parameters())
-    report = LoadReport(model=spec.name, kind=spec.kind.value, device=device, dtype=str(model.dtype).removeprefix("torch."),
-                        load_s=loaded - started, warmup_s=warmed - loaded, parameters=parameters,
-                        **memory_snapshot(device))
-    log.info("loaded model %s (%s) on %s in %.2f s, warm-up %.2f s, %d parameters, rss %.0f MiB",
-             spec.name, spec.kind.value, device, report.load_s, report.warmup_s, parameters,
-             report.rss_bytes / 2**20)
+    onnx = spec.backend is Backend.ONNXRUNTIME
+    parameters = model.parameter_count if onnx else sum(p.numel() for p in model.model.parameters())
+    report = LoadReport(model=spec.name, kind=spec.kind.value, device=model.device,
+                        dtype=str(model.dtype).removeprefix("torch."), load_s=loaded - started,
+                        warmup_s=warmed - loaded, parameters=parameters, **memory_snapshot(device),
+                        extra={"backend": spec.backend.value, **({"providers": model.providers} if onnx else {})})
+    log.info("loaded model %s (%s, %s) on %s in %.2f s, warm-up %.2f s, %d parameters, rss %.0f MiB",
+             spec.name, spec.kind.value, spec.backend.value, model.device, report.load_s, report.warmup_s,
+             parameters, report.rss_bytes / 2**20)
     return model, report

@@ -1,0 +1,75 @@
+"""``fleet models export NAME --format onnx --out DIR [--quantize int8]``: export a model to ONNX.
+
+``NAME`` is found as a worker finds it: in the registry file (``--registry``, else
+``FLEET_MODEL_REGISTRY``, else the default registry), then among the models training jobs
+registered in Redis (``REDIS_URL``; skipped with a note if Redis does not answer). The export is
+checked against PyTorch before anything is written (``workers.serving.onnx_export``).
+
+Exit status: 0 written; 1 refused because the graph's outputs differ from PyTorch's (nothing
+written); 2 nothing to export (unknown name, a model Fleet does not export, an output directory
+that is not an earlier export, the ``onnx`` extra not installed).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+FORMATS = ("onnx",)
+
+
+def _registry(registry_path: str | None):
+    """The registry file's models plus Redis' trained ones, and a note if Redis could not be asked."""
+    import redis
+
+    from producer import keys
+    from producer.redis_connection import RedisURLError, redis_client
+    from workers.serving.registry import load_registry, with_trained_models
+    from workers.settings import WorkerSettings
+
+    settings = WorkerSettings(**({"model_registry": registry_path} if registry_path else {}))
+    registry = load_registry(settings.model_registry)
+    try:
+        client = redis_client(settings, patient=False, socket_connect_timeout=2, socket_timeout=2)
+        trained = {name.decode(): raw.decode() for name, raw in client.hgetall(keys.TRAINED_MODELS).items()}
+    except (RedisURLError, redis.RedisError) as exc:
+        return registry, f"trained models not looked up: Redis at REDIS_URL did not answer ({exc})"
+    return with_trained_models(registry, trained), None
+
+
+def run_export(name: str, out: str, *, fmt: str = "onnx", quantize: str | None = None,
+               registry_path: str | None = None) -> int:
+    """Export model ``name`` into ``out``; print what was written or why not; return the exit status."""
+    from workers.observability.logs import configure_logging
+    from workers.serving.registry import RegistryError, select
+
+    configure_logging("WARNING")  # the exporter's libraries log a line per graph rewrite at INFO
+    if fmt not in FORMATS:
+        print(f"fleet models export: format {fmt!r} is not one of {', '.join(FORMATS)}", file=sys.stderr)
+        return 2
+    note = None
+    try:
+        registry, note = _registry(registry_path)
+        [spec] = select(registry, [name])
+    except RegistryError as exc:
+        print(f"fleet models export: {exc}" + (f"; {note}" if note else ""), file=sys.stderr)
+        return 2
+
+    from workers.serving.onnx_export import NotExportable, OutputMismatch, export_model
+
+    try:
+        manifest = export_model(spec, Path(out), quantize=quantize)
+    except (NotExportable, RegistryError) as exc:
+        print(f"fleet models export: {exc}", file=sys.stderr)
+        return 2
+    except OutputMismatch as exc:
+        print(f"fleet models export: refused: {exc}", file=sys.stderr)
+        return 1
+    directory = Path(out).resolve()
+    print(f"exported {name} ({manifest.kind.value}, {manifest.precision}, opset {manifest.opset}) to {directory}")
+    for agreement in manifest.agreement:
+        print(f"  {agreement.metric} against {agreement.against} over {agreement.samples} inputs: "
+              f"worst {agreement.worst:.6g}, mean {agreement.mean:.6g}")
+    print(f"serve it with ONNX Runtime: add to your registry\n\n[models.{name}-onnx]\n"
+          f"kind = \"{manifest.kind.value}\"\nsource = \"dir:{directory}\"\nbackend = \"onnxruntime\"")
+    return 0

@@ -151,7 +151,7 @@ class _OnnxModel:
         with telemetry.forward_span(self.spec.name, self.kind, self.device, self.dtype, shape) as span:
             output = torch.from_numpy(self.session.run([self._output], feed)[0])
             if record_norms:
-                span.record_embedding_norms(output)
+                telemetry.record_embedding_norms(span, output)
         return output
 
 

@@ -33,6 +33,7 @@ from redis.retry import Retry
 from redis.sentinel import Sentinel, SentinelManagedConnection
 
 from producer.settings import FleetSettings
+from producer.version_guard import require_tested_version
 
 SENTINEL_SCHEME = "sentinel"
 DEFAULT_SENTINEL_PORT = 26379
@@ -163,6 +164,7 @@ def redis_client(settings: FleetSettings, *, patient: bool = True, **options: An
     if not is_sentinel_url(settings.redis_url):
         return redis.Redis.from_url(settings.redis_url, **options)
     spec, master, sentinel_kwargs, master_kwargs = _sentinel_parts(settings, options)
+    require_tested_version("redis", "producer.redis_connection.MasterFollowingConnection")
     sentinel = Sentinel(spec.sentinels, sentinel_kwargs=sentinel_kwargs)
     return sentinel.master_for(master, **master_kwargs)
 

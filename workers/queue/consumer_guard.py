@@ -18,6 +18,7 @@ from celery.worker.consumer.consumer import Consumer
 
 from producer.contract import ErrorCode
 from producer.errors import JobFailedError
+from producer.version_guard import require_tested_version
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,8 @@ def bad_task_header(message) -> bool:
 
 
 def install() -> None:
-    """Guard ``Consumer.create_task_handler`` (idempotent)."""
+    """Guard ``Consumer.create_task_handler`` (idempotent); refuse on a Celery release it was not written for."""
+    require_tested_version("celery", "workers.queue.consumer_guard")
     if getattr(Consumer.create_task_handler, "fleet_guarded", False):
         return
     original = Consumer.create_task_handler

@@ -69,7 +69,11 @@ def _broker_of(channel):
 
 
 def install() -> None:
-    """Apply fixes A to D (once per process)."""
+    """Apply fixes A to D (once per process); refuse on a celery, kombu or redis-py release they were not written for."""
+    from producer.version_guard import require_tested_version
+
+    for distribution in ("celery", "kombu", "redis"):
+        require_tested_version(distribution, "workers.queue.redis_patches")
     _patch_kombu_qos()
     _patch_result_backend_client()
 

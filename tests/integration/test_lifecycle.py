@@ -96,6 +96,8 @@ def test_fleet_health_exit_codes(redis_url, embed_worker):
     import os
     import subprocess
 
+    from workers.commands.exit_codes import ExitCode
+
     env = {**os.environ, "REDIS_URL": redis_url}
     ok = subprocess.run([*fleet_executable(), "health", "--worker", embed_worker.name], env=env,
                         capture_output=True, text=True, timeout=60)
@@ -108,4 +110,4 @@ def test_fleet_health_exit_codes(redis_url, embed_worker):
     assert missing.returncode == 1 and "no heartbeat" in missing.stdout
     down = subprocess.run([*fleet_executable(), "health"], env={**env, "REDIS_URL": "redis://127.0.0.1:1/0"},
                           capture_output=True, text=True, timeout=60)
-    assert down.returncode == 1 and "unreachable" in down.stdout
+    assert down.returncode == ExitCode.REDIS_UNAVAILABLE and "cannot reach Redis at redis://127.0.0.1:1/0" in down.stderr

@@ -79,3 +79,9 @@ def wait_for(condition, timeout_s: float, what: str):
 
 def redis_server_available() -> bool:
     return shutil.which("redis-server") is not None
+
+
+def run_fleet(arguments: list[str], redis_url: str, timeout_s: float = 120.0, **env: str) -> subprocess.CompletedProcess:
+    """Run ``fleet ARGUMENTS`` to its end with ``REDIS_URL`` (and ``env``) set; output captured as text."""
+    return subprocess.run([*fleet_executable(), *arguments], env={**os.environ, "REDIS_URL": redis_url, **env},
+                          capture_output=True, text=True, timeout=timeout_s, cwd=REPO_ROOT)

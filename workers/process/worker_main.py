@@ -20,6 +20,7 @@ from celery import signals
 
 from producer import keys, redis_connection
 from producer.contract import TRAINING_QUEUE
+from workers.commands.exit_codes import ExitCode
 from workers.process.devices import DeviceError, choose_device, device_identity, parse_device, pin_cuda_device
 from workers.process.health import Heartbeat
 from workers.observability.logs import configure_logging
@@ -28,8 +29,8 @@ from workers.settings import WorkerSettings
 
 log = logging.getLogger("fleet.worker")
 
-EXIT_CONFIG_ERROR = 2
-EXIT_LOAD_ERROR = 3
+EXIT_CONFIG_ERROR = ExitCode.CONFIG
+EXIT_LOAD_ERROR = ExitCode.MODEL_LOAD_FAILED
 
 
 @dataclass(frozen=True)

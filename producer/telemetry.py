@@ -42,6 +42,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
+from producer.optional import require_extra
+
 log = logging.getLogger(__name__)
 
 #: The message header that carries the enqueue time (UNIX seconds, float) to the worker.
@@ -135,12 +137,9 @@ def _port(value: str | None) -> int | None:
 
 
 def fleet_version() -> str:
-    try:
-        from importlib.metadata import version
+    from producer.version import __version__
 
-        return version("fleet")
-    except Exception:  # noqa: BLE001 - not installed as a distribution (e.g. a source checkout)
-        return "0+unknown"
+    return __version__
 
 
 def resource_attributes(default_service_name: str, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -231,6 +230,8 @@ def setup(default_service_name: str, *, extra_resource: Mapping[str, Any] | None
     config = config or TelemetryConfig.from_env()
     if not config.enabled:
         return None
+    require_extra("opentelemetry.sdk", extra="otel",
+                  purpose="OpenTelemetry export (an OTEL_EXPORTER_OTLP_* endpoint or FLEET_PROMETHEUS_PORT is set)")
     with _lock:
         if _installed is not None:
             telemetry = _installed

@@ -152,7 +152,7 @@ def test_a_missing_extra_is_named_with_the_command_to_install_it(private_redis):
     done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "REDIS_URL": private_redis.url},
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == ExitCode.CONFIG, done.stderr
-    assert done.stderr.strip() == (f"fleet status: fleet status needs the Python package 'rich', which is not "
+    assert done.stderr.strip() == (f"fleet status: this command needs the Python package 'rich', which is not "
                                    f"installed: pip install '{DISTRIBUTION}[cli]'")
 
 

@@ -15,7 +15,7 @@ Adding a subcommand (``fleet models export`` here as the example)::
     @needs_redis                      # commands that talk to Redis: fail in < 3 s when it is down
     def models_export(name: str, out: str) -> ExitCode:
         '''Export NAME to ONNX. Reads REDIS_URL and FLEET_MODEL_REGISTRY.'''
-        require_extra("torch", extra="worker", purpose="fleet models export")
+        require_extra("torch", extra="worker")
         from workers.serving.onnx_export import export_command
         return export_command(name, out)
 
@@ -107,7 +107,7 @@ def needs_redis(command: Command) -> Command:
     return checked  # type: ignore[return-value]
 
 
-def require_extra(module: str, *, extra: str, purpose: str) -> None:
+def require_extra(module: str, *, extra: str, purpose: str = "this command") -> None:
     """Refuse (exit ``CONFIG``, naming the extra to install) if an optional dependency is missing."""
     from producer.optional import require_extra as import_or_refuse
 
@@ -153,8 +153,10 @@ def worker(device: str, models: str, registry: str | None, name: str | None, tra
     hands the rest back. Reads REDIS_URL and the worker settings: FLEET_CONCURRENCY,
     FLEET_TORCH_THREADS, FLEET_DRAIN_GRACE_S, FLEET_MAX_ATTEMPTS, FLEET_VISIBILITY_TIMEOUT_S,
     FLEET_RESULT_EXPIRES_S, FLEET_SWEEP_INTERVAL_S, FLEET_SWEEP_GRACE_S, FLEET_ARTIFACT_DIR,
-    FLEET_LOG_LEVEL, CUDA_VISIBLE_DEVICES and the OTEL_* telemetry variables.
+    FLEET_LOG_LEVEL, CUDA_VISIBLE_DEVICES and the OTEL_* telemetry variables. Needs the worker
+    extra (and training for --train on the digits data set, otel for telemetry export).
     """
+    require_extra("torch", extra="worker")
     import signal
 
     from workers.process.worker_main import WorkerOptions, exit_before_consuming, run_worker
@@ -181,8 +183,9 @@ def up(devices: str, models: str, registry: str | None, train: bool, flower: boo
     SIGINT or SIGTERM stops them all, each draining. Reads REDIS_URL, FLEET_DRAIN_GRACE_S,
     FLEET_LOG_LEVEL, CUDA_VISIBLE_DEVICES (the GPUs `all` means) and, with --flower,
     FLOWER_BASIC_AUTH and Flower's other FLOWER_* variables; workers read what
-    `fleet worker` reads.
+    `fleet worker` reads. Needs the worker extra (dashboard for --flower).
     """
+    require_extra("torch", extra="worker")
     import socket
 
     from workers.observability.logs import configure_logging
@@ -197,7 +200,7 @@ def up(devices: str, models: str, registry: str | None, train: bool, flower: boo
         raise click.BadParameter(str(exc), param_hint="--devices") from None
     children = [Supervised.worker(plan, models, registry, train) for plan in plans]
     if flower:
-        require_extra("flower", extra="dashboard", purpose="fleet up --flower")
+        require_extra("flower", extra="dashboard", purpose="--flower")
         from workers.commands import flower as dashboard
 
         auth_env, how_to_log_in = dashboard.flower_auth_env(dict(os.environ))
@@ -215,8 +218,8 @@ def demo() -> int:
     Uses the Redis at REDIS_URL if one answers, else starts an embedded redis-server. Needs the
     demo extra. Reads REDIS_URL and FLEET_LOG_LEVEL (the worker's, default WARNING).
     """
-    require_extra("torch", extra="demo", purpose="fleet demo")
-    require_extra("rich", extra="demo", purpose="fleet demo")
+    require_extra("torch", extra="demo")
+    require_extra("rich", extra="demo")
     from workers.commands.demo import run_demo
 
     return run_demo()
@@ -254,7 +257,7 @@ def status() -> int:
     \b
     Reads REDIS_URL. Needs the cli extra.
     """
-    require_extra("rich", extra="cli", purpose="fleet status")
+    require_extra("rich", extra="cli")
     from workers.commands.status import print_status
 
     return print_status()
@@ -279,7 +282,7 @@ def train(kind: str, dataset: str | None, follow: bool, **fields: Any) -> int:
     Unset options take the kind's defaults (docs/PROTOCOL.md). Reads REDIS_URL and
     FLEET_MAX_QUEUE_DEPTH. Needs the cli extra.
     """
-    require_extra("rich", extra="cli", purpose="fleet train")
+    require_extra("rich", extra="cli")
     from workers.commands.train_cli import run_train_command
 
     return run_train_command(kind, dataset, {name: value for name, value in fields.items() if value is not None},
@@ -296,7 +299,7 @@ def models() -> None:
         help="where to write the models and their registry")
 def models_init_demo(directory: str) -> int:
     """Write a tiny Llama, a topic classifier on MiniLM and a registry serving them. Needs the worker extra."""
-    require_extra("transformers", extra="worker", purpose="fleet models init-demo")
+    require_extra("transformers", extra="worker")
     from pathlib import Path
 
     from workers.observability.logs import configure_logging

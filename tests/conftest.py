@@ -12,6 +12,9 @@ from producer import FleetClient
 from tests.support.fleet_processes import WorkerProcess
 from workers.process.embedded_redis import RedisServer
 
+#: A skipped test fails the README's test command unless it is marked gpu (tests/support/no_skips.py).
+pytest_plugins = ["tests.support.no_skips"]
+
 _names = itertools.count()
 
 

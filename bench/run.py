@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -282,6 +283,7 @@ def run_system(system: str, profile: Profile, redis_url: str, workdir: Path, tex
             for phase in phases:
                 phase.mean_batch = float(phase.texts_per_job)  # one forward pass per job, by construction
         else:
+            assert stats is not None, "set for fleet above"
             final = stats()
             if final is not None:
                 info["batcher"] = final
@@ -511,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
     texts_file = workdir / "texts.json"
     texts_file.write_text(json.dumps(texts))
     command = "python -m bench.run " + " ".join(argv if argv is not None else sys.argv[1:])
-    meta = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "command": command,
+    meta: dict[str, Any] = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "command": command,
             "load_average_at_start": os.getloadavg(),
             "profile": {k: (v if k != "env" else {n: x for n, x in v.items() if n.startswith("OMP")})
                         for k, v in vars(profile).items()}, "machine": machine_info()}

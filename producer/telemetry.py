@@ -39,8 +39,9 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from producer.optional import require_extra
 
@@ -91,7 +92,7 @@ class TelemetryConfig:
         return bool(self.traces or self.metrics or self.logs or self.prometheus_port is not None)
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> "TelemetryConfig":
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> TelemetryConfig:
         env = os.environ if environ is None else environ
         if not any(env.get(name) for name in _ENABLING_ENV):
             return cls()
@@ -184,7 +185,7 @@ class Telemetry:
             if provider is not None:
                 try:
                     provider.force_flush(timeout_ms)
-                except Exception:  # noqa: BLE001 - telemetry must never break the caller
+                except Exception:
                     log.debug("telemetry flush failed", exc_info=True)
 
     def shutdown(self) -> None:
@@ -194,7 +195,7 @@ class Telemetry:
         for hook in self._shutdown_hooks:
             try:
                 hook()
-            except Exception:  # noqa: BLE001
+            except Exception:
                 log.debug("telemetry shutdown hook failed", exc_info=True)
         self.flush()
         if self.log_handler is not None:
@@ -203,7 +204,7 @@ class Telemetry:
             if provider is not None:
                 try:
                     provider.shutdown()
-                except Exception:  # noqa: BLE001
+                except Exception:
                     log.debug("telemetry shutdown failed", exc_info=True)
 
 
@@ -358,7 +359,7 @@ def setup_producer(default_service_name: str = "fleet-producer") -> Telemetry | 
     try:
         telemetry = setup(default_service_name, metrics=False, config=config)
         instrument_celery(telemetry)
-    except Exception:  # noqa: BLE001 - telemetry must never break job submission
+    except Exception:
         log.exception("telemetry setup failed; continuing without tracing")
         return None
     return telemetry

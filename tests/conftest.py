@@ -7,6 +7,7 @@ import os
 
 import pytest
 import redis
+from hypothesis import settings as hypothesis_settings
 
 from producer import FleetClient
 from tests.support.fleet_processes import WorkerProcess
@@ -93,7 +94,6 @@ def demo_registry(tmp_path_factory):
 
 # --- Hypothesis profiles (property tests) ------------------------------------------------------------
 
-from hypothesis import settings as hypothesis_settings  # noqa: E402
 
 #: ``fleet`` (the default) makes every run try the same examples (derandomized: CI is reproducible),
 #: keeps no example database in the checkout, and sets no per-example deadline (a busy 2-core CI machine

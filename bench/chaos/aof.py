@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 
 NEVER_ENQUEUED = "never_enqueued"
@@ -179,17 +180,19 @@ class ListReplay:
         self.lists: dict[tuple[bytes, bytes], deque[tuple[bytes, str | None]]] = {}
         self.history: dict[str, list[tuple[int, str, str]]] = {}
         self.number = 0
-        self.handlers = {b"LPUSH": self._lpush, b"RPUSH": self._rpush, b"LPUSHX": self._lpushx,
-                         b"RPUSHX": self._rpushx, b"LPOP": self._lpop, b"RPOP": self._rpop,
-                         b"LMOVE": self._lmove, b"RPOPLPUSH": self._rpoplpush, b"LREM": self._lrem,
-                         b"LTRIM": self._ltrim, b"DEL": self._delete, b"UNLINK": self._delete,
-                         b"FLUSHDB": self._flushdb, b"FLUSHALL": self._flushall, b"SELECT": self._select,
-                         b"HSET": self._hset, b"HMSET": self._hset, b"HSETNX": self._hset}
+        self.handlers: dict[bytes, Callable[..., object]] = {
+            b"LPUSH": self._lpush, b"RPUSH": self._rpush, b"LPUSHX": self._lpushx,
+            b"RPUSHX": self._rpushx, b"LPOP": self._lpop, b"RPOP": self._rpop,
+            b"LMOVE": self._lmove, b"RPOPLPUSH": self._rpoplpush, b"LREM": self._lrem,
+            b"LTRIM": self._ltrim, b"DEL": self._delete, b"UNLINK": self._delete,
+            b"FLUSHDB": self._flushdb, b"FLUSHALL": self._flushall, b"SELECT": self._select,
+            b"HSET": self._hset, b"HMSET": self._hset, b"HSETNX": self._hset
+        }
 
     def replay(self, commands) -> ListReplay:
         """Apply every command (numbered from 1 in AOF order); a MULTI block applies at its EXEC and
         not at all if the AOF ends before (Redis too drops it when loading). Returns self."""
-        pending = None
+        pending: list[tuple[int, list[bytes]]] | None = None
         for number, command in enumerate(commands, 1):
             name = command[0].upper()
             if name == b"MULTI":
@@ -239,7 +242,7 @@ class ListReplay:
 
     def _remove_where(self, key: bytes, keep) -> None:
         items = self.lists.get((self.db, key), deque())
-        kept = deque()
+        kept: deque[tuple[bytes, str | None]] = deque()
         for position, item in enumerate(items):
             if keep(position, item):
                 kept.append(item)

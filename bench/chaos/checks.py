@@ -73,14 +73,14 @@ def check(job: Job, meta: dict[str, Any] | None, reference: Reference) -> str:
     """Classify one job: completed, failed_as_expected, lost, wrong, failed_unexpectedly, dead_lettered."""
     if meta is None or meta.get("status") not in FINAL:
         return "lost"
-    status, result = meta["status"], meta.get("result")
+    status, result = meta["status"], meta.get("result") or {}
     if job.kind == "invalid":
         code = result.get("exc_message", [None])[0] if isinstance(result, dict) else None
         if status == "FAILURE" and code == job.expected_code:
             return "failed_as_expected"
         return "wrong"
     if status != "SUCCESS":
-        details = (result or {}).get("exc_message", [None, None, {}]) if isinstance(result, dict) else []
+        details = result.get("exc_message", [None, None, {}]) if isinstance(result, dict) else []
         if len(details) > 2 and isinstance(details[2], dict) and details[2].get("dead_lettered"):
             return "dead_lettered"
         return "failed_unexpectedly"

@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                             f"-> {json.dumps(metas.get(job.id))[:300]}")
         runs = completed_runs(workdir)
         submitted_ids = {job.id for job in submitter.submitted}
-        result_keys = Counter()
+        result_keys: Counter[str] = Counter()
         orphans = 0
         for key in client.scan_iter(match="celery-task-meta-*", count=1000):
             job_id = key.decode()[len("celery-task-meta-"):]

@@ -82,7 +82,7 @@ class Submitter(threading.Thread):
         super().__init__(name="chaos-submitter", daemon=True)
         self.jobs, self.rate, self.settings, self.clock_start = jobs, rate, settings, clock_start
         self.submitted: list[Job] = []
-        self.submit_errors = Counter()
+        self.submit_errors: Counter[str] = Counter()
         self.done = threading.Event()
 
     def run(self) -> None:

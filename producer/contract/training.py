@@ -11,7 +11,7 @@ so that each kind reaches its quality bar on one CPU in well under a minute.
 from __future__ import annotations
 
 from enum import Enum
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 from pydantic import (
     Field,
@@ -96,7 +96,7 @@ class TrainRequest(WireModel):
     seed: Annotated[StrictInt, Field(ge=0, le=2**32 - 1)] = 0
     checkpoint_every_steps: Annotated[StrictInt, Field(ge=1)] = 50
     eval_fraction: Annotated[StrictFloat, Field(gt=0.0, lt=0.5)] = 0.2
-    register_as: Optional[ModelName] = None
+    register_as: ModelName | None = None
 
     @model_validator(mode="before")
     @classmethod

@@ -70,7 +70,8 @@ def test_output_to_a_closed_pipe_ends_quietly(private_redis):
         dlq.dead_letter(client, f"job-{index:05d}", task="fleet.embed", queue="fleet.embed.minilm", payload={},
                         reason="worker_lost", attempts=3)
     try:
-        reader = subprocess.Popen([*fleet_executable(), "dlq", "list"], env={**os.environ, "REDIS_URL": private_redis.url},
+        reader = subprocess.Popen([*fleet_executable(), "dlq", "list"],
+                                  env={**os.environ, "REDIS_URL": private_redis.url},
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         first = reader.stdout.readline()
         reader.stdout.close()  # what `| head -1` does after its line
@@ -121,7 +122,8 @@ def _value_from_environment(option: click.Option) -> tuple[str, object]:
     return "from-the-environment", "from-the-environment"
 
 
-@pytest.mark.parametrize("path, command", list(_leaf_commands(cli)), ids=lambda p: " ".join(p) if isinstance(p, tuple) else "")
+@pytest.mark.parametrize("path, command", list(_leaf_commands(cli)),
+                         ids=lambda p: " ".join(p) if isinstance(p, tuple) else "")
 def test_every_option_reads_a_fleet_variable_that_help_names(path, command, monkeypatch):
     """Parse each command with its options given only by the environment (nothing runs)."""
     parent = cli.make_context("fleet", list(path), resilient_parsing=True)
@@ -133,7 +135,8 @@ def test_every_option_reads_a_fleet_variable_that_help_names(path, command, monk
     for option in (param for param in command.params if isinstance(param, click.Option)):
         if option.name == "help":
             continue
-        variable = option.envvar or f"{parent.auto_envvar_prefix}_{path[-1].replace('-', '_').upper()}_{option.name.upper()}"
+        command_prefix = f"{parent.auto_envvar_prefix}_{path[-1].replace('-', '_').upper()}"
+        variable = option.envvar or f"{command_prefix}_{option.name.upper()}"
         assert variable.startswith("FLEET_"), variable
         text, expected[option.name] = _value_from_environment(option)
         monkeypatch.setenv(variable, text)

@@ -52,7 +52,7 @@ def run_clean(body: str) -> dict:
     completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO_ROOT,
                                timeout=120)
     assert completed.returncode == 0, completed.stdout + completed.stderr
-    line = next(l for l in completed.stdout.splitlines() if l.startswith("REPORT "))
+    line = next(out for out in completed.stdout.splitlines() if out.startswith("REPORT "))
     return json.loads(line.removeprefix("REPORT "))
 
 

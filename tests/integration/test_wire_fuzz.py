@@ -10,7 +10,8 @@ rules predict. Never a hang, a lost message, an untyped error or a dead worker; 
 computes a valid embed job exactly as before.
 
 Out of scope, because Celery reads them before any Fleet code runs: the ``id`` and ``task`` headers (they
-name the job and its task; a ``task`` header that is not a string is covered by tests/integration/test_consumer_guard.py),
+name the job and its task; a ``task`` header that is not a string is covered by
+tests/integration/test_consumer_guard.py),
 ``ignore_result`` (asks for no result), and a keyword argument named ``self`` (it collides with Celery's own
 call wrapper and fails with an untyped TypeError).
 """
@@ -21,7 +22,7 @@ import json
 import math
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -55,7 +56,7 @@ REQUEST_FOR_TASK = {TASK_EMBED: EmbedRequest, TASK_CLASSIFY: ClassifyRequest, TA
 FINAL_STATES = ("SUCCESS", "FAILURE", "REVOKED")
 RESULT_TIMEOUT_S = 30.0
 
-NOW = datetime.now(timezone.utc)
+NOW = datetime.now(UTC)
 PAST = (NOW - timedelta(days=1)).isoformat()
 FUTURE = (NOW + timedelta(days=365)).isoformat()
 FUTURE_NAIVE = (NOW + timedelta(days=365)).replace(tzinfo=None).isoformat()

@@ -9,18 +9,16 @@ import time
 from types import SimpleNamespace
 
 import pytest
+import torch
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
 
-torch = pytest.importorskip("torch")
-
-from opentelemetry.sdk.metrics import MeterProvider  # noqa: E402
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader  # noqa: E402
-from opentelemetry.sdk.trace import TracerProvider  # noqa: E402
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor  # noqa: E402
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter  # noqa: E402
-from opentelemetry.trace import SpanKind  # noqa: E402
-
-from producer.errors import JobFailedError  # noqa: E402
-from workers.observability import telemetry  # noqa: E402
+from producer.errors import JobFailedError
+from workers.observability import telemetry
 
 
 @pytest.fixture()
@@ -122,7 +120,7 @@ def test_a_failing_batch_span_records_the_error(otel):
 def fake_task(task_id: str, enqueued_at: float | None, name: str = "fleet.embed"):
     request = SimpleNamespace(id=task_id, delivery_info={"routing_key": "fleet.embed.minilm"}, headers=None)
     if enqueued_at is not None:
-        setattr(request, "fleet_enqueued_at", enqueued_at)
+        request.fleet_enqueued_at = enqueued_at
     return SimpleNamespace(name=name, request=request)
 
 

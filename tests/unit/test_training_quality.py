@@ -53,7 +53,8 @@ def test_a_second_run_with_the_same_seed_is_identical(mlp: TrainResult, store: L
     assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
 
 
-def test_a_cancelled_run_stops_within_one_step_and_resumes_exactly(mlp: TrainResult, store: LocalDirectoryStore) -> None:
+def test_a_cancelled_run_stops_within_one_step_and_resumes_exactly(mlp: TrainResult,
+                                                                   store: LocalDirectoryStore) -> None:
     cancel_after = 137
     requested = {"stop": False}
 

@@ -163,7 +163,9 @@ def worker(device: str, models: str, registry: str | None, name: str | None, tra
     from workers.settings import WorkerSettings
 
     signal.signal(signal.SIGTERM, exit_before_consuming)  # Celery installs its own once consuming
-    settings = WorkerSettings(**({"model_registry": registry} if registry else {}))
+    from pathlib import Path
+
+    settings = WorkerSettings(model_registry=Path(registry)) if registry else WorkerSettings()
     return run_worker(WorkerOptions(device=device, models=_names(models), name=name, train=train), settings)
 
 

@@ -15,12 +15,13 @@ import subprocess
 import time
 from contextlib import ExitStack
 from pathlib import Path
+from typing import cast
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from producer import FleetClient
+from producer import EmbedResult, FleetClient, TrainResult
 from producer.settings import FleetSettings
 from workers.process.embedded_redis import RedisServer, redis_answers
 from workers.process.launch import LaunchedWorker, fleet_command
@@ -107,7 +108,7 @@ def show_training(client: FleetClient, console: Console) -> None:
                           f"{progress.samples_per_s:.0f} samples/s")
             last_epoch = progress.epoch
         time.sleep(PROGRESS_POLL_S)
-    result = handle.result(timeout=10)
+    result = cast(TrainResult, handle.result(timeout=10))
     console.print(f"trained in {result.metrics['train_seconds']:.1f} s on {result.device}: held-out accuracy "
                   f"{result.metrics['accuracy']:.4f} ({result.steps} optimizer steps; held-out loss "
                   f"{result.metrics['val_loss_start']:.2f} -> {result.metrics['val_loss']:.3f})")
@@ -141,8 +142,8 @@ def run_demo() -> int:
         with Progress(*columns, console=console) as progress:
             task = progress.add_task("jobs", total=len(handles))
             for handle in handles:
-                result = handle.result(timeout=60)
-                vectors.append(result.vectors[0])
+                result = cast(EmbedResult, handle.result(timeout=60))
+                vectors.append(result.float_vectors()[0])
                 progress.advance(task)
         elapsed = time.perf_counter() - started
         console.print(f"{len(handles)} jobs done in {elapsed * 1000:.0f} ms on {result.device}: "

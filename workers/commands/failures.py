@@ -30,7 +30,7 @@ class CommandFailure(click.ClickException):
 
     def __init__(self, exit_code: ExitCode, message: str, command: str = "fleet"):
         super().__init__(" ".join(message.split()))  # one line, whatever the cause's text held
-        self.exit_code = int(exit_code)
+        self.exit_code = int(exit_code)  # type: ignore[misc]  # click's own Exit sets it per instance too
         self.command = command
 
     def show(self, file: IO[Any] | None = None) -> None:
@@ -76,7 +76,8 @@ def _redis_problem(exc: BaseException) -> tuple[ExitCode, str] | None:
             return ExitCode.CONFIG, (f"Redis at {configured_redis_url()} refused the credentials ({cause}): "
                                      "check the user and password in REDIS_URL")
         if isinstance(cause, (redis.ConnectionError, redis.TimeoutError, redis.InvalidResponse, OperationalError)):
-            return ExitCode.REDIS_UNAVAILABLE, f"cannot reach Redis at {configured_redis_url()} ({cause}): {START_REDIS_HINT}"
+            return ExitCode.REDIS_UNAVAILABLE, (f"cannot reach Redis at {configured_redis_url()} ({cause}): "
+                                                f"{START_REDIS_HINT}")
     return None
 
 

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, cast
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from producer import FleetClient, FleetError
+from producer import FleetClient, FleetError, TrainResult
 from workers.commands.exit_codes import ExitCode
 
 #: ``fleet train`` option -> TrainRequest field.
@@ -51,7 +51,7 @@ def run_train_command(kind: str, dataset: str | None, options: dict[str, Any], *
                                       f"{progress.samples_per_s:.0f} samples/s")
                 time.sleep(POLL_S)
             try:
-                result = handle.result(timeout=10)
+                result = cast(TrainResult, handle.result(timeout=10))
             except FleetError as exc:
                 console.print(f"[red]training job failed:[/red] {exc}")
                 return ExitCode.FAILURE

@@ -30,8 +30,9 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 from producer import telemetry as base
 from producer.contract import TASK_FOR_KIND
@@ -59,7 +60,7 @@ class _NoopScope:
     __slots__ = ()
     span = None
 
-    def __enter__(self) -> "_NoopScope":
+    def __enter__(self) -> _NoopScope:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -84,7 +85,7 @@ NOOP = _NoopScope()
 class _Scope:
     """A span made current for a ``with`` block; ``on_end(seconds, error)`` runs as it closes."""
 
-    def __init__(self, state: "_State", name: str, attributes: Mapping[str, Any], *, context=None, links=None,
+    def __init__(self, state: _State, name: str, attributes: Mapping[str, Any], *, context=None, links=None,
                  on_start=None, on_end=None):
         self._state = state
         self._name = name
@@ -97,7 +98,7 @@ class _Scope:
         self._started = 0.0
         self.span = None
 
-    def __enter__(self) -> "_Scope":
+    def __enter__(self) -> _Scope:
         self._activation = self._state.tracer.start_as_current_span(
             self._name, context=self._context, links=self._links, attributes=dict(self._attributes))
         self.span = self._activation.__enter__()
@@ -240,7 +241,7 @@ class _State:
                                                 {"device": self.device, "type": "allocated"}))
                 observations.append(Observation(torch.cuda.memory_reserved(self.device),
                                                 {"device": self.device, "type": "reserved"}))
-            except Exception:  # noqa: BLE001 - a metric callback must not raise
+            except Exception:
                 log.debug("CUDA memory figures unavailable", exc_info=True)
         return observations
 
@@ -333,7 +334,7 @@ def setup_worker(device: str, *, runtime=None, device_name: str | None = None,
         install(tracer_provider=telemetry.tracer_provider, meter_provider=telemetry.meter_provider, device=device,
                 models=models if runtime is not None else None, runtime=runtime)
         _connect_signals(telemetry)
-    except Exception:  # noqa: BLE001 - telemetry must never stop a worker from serving
+    except Exception:
         log.exception("telemetry setup failed; the worker runs without it")
         uninstall()
         return WorkerTelemetry(None)
@@ -377,7 +378,7 @@ def _on_prerun(task_id: str | None = None, task: Any = None, args: Sequence[Any]
         return
     try:
         _job_started(state, task_id, task, args)
-    except Exception:  # noqa: BLE001 - telemetry must never fail a job
+    except Exception:
         log.debug("telemetry prerun failed", exc_info=True)
 
 
@@ -418,7 +419,7 @@ def _producer_context(request: Any):
         from opentelemetry.instrumentation.celery import celery_getter
 
         context = extract(request, getter=celery_getter)
-    except Exception:  # noqa: BLE001
+    except Exception:  # noqa: BLE001 - an unreadable trace header means no parent span, never a failed job
         return None
     return context if trace.get_current_span(context).get_span_context().is_valid else None
 
@@ -442,7 +443,7 @@ def _on_postrun(task_id: str | None = None, task: Any = None, retval: Any = None
         return
     try:
         _job_finished(current, task_id, retval, state)
-    except Exception:  # noqa: BLE001
+    except Exception:
         log.debug("telemetry postrun failed", exc_info=True)
 
 

@@ -62,7 +62,9 @@ class LaunchedWorker:
     def redis_settings(self) -> FleetSettings:
         """How this worker reaches Redis: its ``REDIS_URL`` and, for Sentinel, its ``FLEET_SENTINEL_MASTER``."""
         master = self.environment.get("FLEET_SENTINEL_MASTER")
-        return FleetSettings(redis_url=self.redis_url, **({"sentinel_master": master} if master else {}))
+        if master:
+            return FleetSettings(redis_url=self.redis_url, sentinel_master=master)
+        return FleetSettings(redis_url=self.redis_url)
 
     @property
     def pid(self) -> int:

@@ -20,10 +20,11 @@ from celery import signals
 
 from producer import keys, redis_connection
 from producer.contract import TRAINING_QUEUE
+from producer.redis_connection import text
 from workers.commands.exit_codes import ExitCode
+from workers.observability.logs import configure_logging
 from workers.process.devices import DeviceError, choose_device, device_identity, parse_device, pin_cuda_device
 from workers.process.health import Heartbeat
-from workers.observability.logs import configure_logging
 from workers.serving.registry import RegistryError, load_registry, select, with_trained_models
 from workers.settings import WorkerSettings
 
@@ -123,7 +124,7 @@ def run_worker(options: WorkerOptions, settings: WorkerSettings | None = None) -
     redis_client = redis_connection.redis_client(settings)
     try:
         requested = pin_cuda_device(parse_device(options.device))
-        trained = {name.decode(): raw for name, raw in redis_client.hgetall(keys.TRAINED_MODELS).items()}
+        trained = {text(name): text(raw) for name, raw in redis_client.hgetall(keys.TRAINED_MODELS).items()}
         registry = with_trained_models(load_registry(settings.model_registry), trained)
         specs = select(registry, options.models)
     except (DeviceError, RegistryError) as exc:
@@ -165,8 +166,9 @@ def run_worker(options: WorkerOptions, settings: WorkerSettings | None = None) -
     def snapshot() -> dict:
         return {
             "host": settings.hostname, "pid": os.getpid(), "device": choice.device, "device_name": identity["name"],
-            "device_uuid": identity["uuid"], "visible_gpus": identity["visible_gpus"], "models": sorted(runtime.models), "train": options.train,
-            "in_flight": runtime.in_flight, "jobs_done": runtime.jobs_done, "last_job_at": runtime.last_job_at, "started_at": runtime.started_at,
+            "device_uuid": identity["uuid"], "visible_gpus": identity["visible_gpus"], "models": sorted(runtime.models),
+            "train": options.train, "in_flight": runtime.in_flight, "jobs_done": runtime.jobs_done,
+            "last_job_at": runtime.last_job_at, "started_at": runtime.started_at,
             "load": {n: {"load_s": r.report.load_s, "rss_bytes": r.report.rss_bytes,
                          "cuda_allocated_bytes": r.report.cuda_allocated_bytes,
                          "cuda_reserved_bytes": r.report.cuda_reserved_bytes} for n, r in runtime.models.items()},

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Any, Callable
+from datetime import UTC, datetime
+from typing import Any
 
 from celery import states
 from celery.exceptions import Ignore
@@ -32,10 +33,10 @@ from producer.contract import (
     ModelKind,
 )
 from producer.errors import JobFailedError
-from workers.serving import inference
-from workers.serving import runtime as runtime_module
 from workers.queue.app import app
 from workers.queue.dlq import dead_letter
+from workers.serving import inference
+from workers.serving import runtime as runtime_module
 
 log = logging.getLogger(__name__)
 
@@ -170,8 +171,8 @@ class JobContext:
         # datetime.fromisoformat refuses ("2030-01", "2030-01-01T24:00").
         deadline = maybe_iso8601(expires) if isinstance(expires, str) else expires
         if deadline.tzinfo is None:  # ISO 8601 without an offset: UTC, as Celery reads it (enable_utc)
-            deadline = deadline.replace(tzinfo=timezone.utc)
-        return datetime.now(timezone.utc) >= deadline
+            deadline = deadline.replace(tzinfo=UTC)
+        return datetime.now(UTC) >= deadline
 
     def stop_as_expired(self) -> None:
         """Store REVOKED("expired"), as Celery does for jobs it drops at receipt, and end the task."""
@@ -241,12 +242,12 @@ def run_job(task, kind: ModelKind, request_cls: type[BaseModel], args: tuple, kw
         context.stop_as_cancelled()
     except (JobFailedError, Ignore):
         raise
-    except Exception as exc:  # noqa: BLE001 - any model error fails this job only
+    except Exception as exc:
         log.exception("job %s failed in model %s (attempt %d)", context.job_id, request.model, attempt)
         code = ErrorCode.OUT_OF_MEMORY if "out of memory" in str(exc).lower() else ErrorCode.MODEL_ERROR
         message = f"{type(exc).__name__}: {exc}"
         if attempt < max_attempts:
-            raise task.retry(countdown=min(2 ** attempt, 30), max_retries=None, exc=exc)
+            raise task.retry(countdown=min(2 ** attempt, 30), max_retries=None, exc=exc) from exc
         context.dead_letter(args[0], message, attempt)
         raise JobFailedError(code.value, message, {"dead_lettered": True, "attempts": attempt}) from None
     finally:

@@ -13,9 +13,9 @@ from producer import keys
 from producer.contract import TASK_TRAIN, ErrorCode, TrainRequest
 from producer.contract.training import TrainKind
 from producer.errors import JobFailedError
-from workers.serving import runtime as runtime_module
 from workers.queue.app import app
 from workers.queue.tasks import FleetRequest, JobContext, parse_payload, refuse_bad_headers
+from workers.serving import runtime as runtime_module
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def train_task(self, *args, **kwargs) -> dict:
                                   should_stop=context.cancelled, progress_interval_s=PROGRESS_INTERVAL_S)
         except TrainingConfigError as exc:
             raise JobFailedError(ErrorCode.INVALID_INPUT.value, str(exc)) from None
-        except Exception as exc:  # noqa: BLE001 - a training failure fails this job, never the worker
+        except Exception as exc:
             log.exception("training job %s failed", context.job_id)
             code = ErrorCode.OUT_OF_MEMORY if "out of memory" in str(exc).lower() else ErrorCode.MODEL_ERROR
             raise JobFailedError(code.value, f"{type(exc).__name__}: {exc}") from None

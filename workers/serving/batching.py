@@ -28,10 +28,11 @@ import math
 import queue
 import threading
 import time
+from collections.abc import Callable, Sequence
 from collections.abc import Sequence as SequenceABC
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from workers.observability import telemetry
 
@@ -379,7 +380,7 @@ class DynamicBatcher:
     def _run_guarded(self, batch: list[_Item], reason: str) -> None:
         try:
             self._run(batch, reason)
-        except Exception as exc:  # noqa: BLE001 - a bug in bookkeeping must not strand callers
+        except Exception as exc:
             log.exception("batcher %s: internal error on a batch of %d", self.name, len(batch))
             for item in batch:
                 _fail(item, exc)
@@ -446,7 +447,7 @@ class DynamicBatcher:
         if self._on_out_of_memory is not None:
             try:
                 self._on_out_of_memory()
-            except Exception:  # noqa: BLE001 - a failing cleanup hook must not stop recovery
+            except Exception:
                 log.exception("batcher %s: on_out_of_memory hook failed", self.name)
 
     def _relax_cap(self, size: int) -> None:

@@ -46,7 +46,7 @@ class WorkerRuntime:
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
-    def load(cls, settings: WorkerSettings, device: str, specs: list[ModelSpec]) -> "WorkerRuntime":
+    def load(cls, settings: WorkerSettings, device: str, specs: list[ModelSpec]) -> WorkerRuntime:
         """Load and warm up every model in ``specs`` on ``device``; any failure propagates."""
         from workers.serving.models.loader import load_model
 
@@ -110,5 +110,6 @@ def install(runtime: WorkerRuntime) -> None:
 def current() -> WorkerRuntime:
     """The installed runtime; a task running without one is a deployment error."""
     if _current is None:
-        raise JobFailedError(ErrorCode.INTERNAL.value, "worker runtime not initialised (start workers with `fleet worker`)")
+        raise JobFailedError(ErrorCode.INTERNAL.value,
+                             "worker runtime not initialised (start workers with `fleet worker`)")
     return _current

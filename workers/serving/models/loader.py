@@ -44,9 +44,9 @@ def load_model(spec: ModelSpec, device: str):
         torch.cuda.synchronize(device)
     warmed = time.perf_counter()
     parameters = sum(p.numel() for p in model.model.parameters())
-    report = LoadReport(model=spec.name, kind=spec.kind.value, device=device, dtype=str(model.dtype).removeprefix("torch."),
-                        load_s=loaded - started, warmup_s=warmed - loaded, parameters=parameters,
-                        **memory_snapshot(device))
+    report = LoadReport(model=spec.name, kind=spec.kind.value, device=device,
+                        dtype=str(model.dtype).removeprefix("torch."), load_s=loaded - started,
+                        warmup_s=warmed - loaded, parameters=parameters, **memory_snapshot(device))
     log.info("loaded model %s (%s) on %s in %.2f s, warm-up %.2f s, %d parameters, rss %.0f MiB",
              spec.name, spec.kind.value, device, report.load_s, report.warmup_s, parameters,
              report.rss_bytes / 2**20)

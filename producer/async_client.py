@@ -384,7 +384,7 @@ class _ResultRouter:
                         inbox.put_nowait((channel, message["data"]))
         except asyncio.CancelledError:
             raise
-        except Exception as exc:
+        except Exception as exc:  # hand the failure to everyone waiting on a subscription
             for waiting in self._confirmations.values():
                 for future in waiting:
                     if not future.done():

@@ -185,7 +185,7 @@ class Telemetry:
             if provider is not None:
                 try:
                     provider.force_flush(timeout_ms)
-                except Exception:
+                except Exception:  # telemetry must never break the caller
                     log.debug("telemetry flush failed", exc_info=True)
 
     def shutdown(self) -> None:
@@ -359,7 +359,7 @@ def setup_producer(default_service_name: str = "fleet-producer") -> Telemetry | 
     try:
         telemetry = setup(default_service_name, metrics=False, config=config)
         instrument_celery(telemetry)
-    except Exception:
+    except Exception:  # telemetry must never break job submission
         log.exception("telemetry setup failed; continuing without tracing")
         return None
     return telemetry

@@ -241,7 +241,7 @@ class _State:
                                                 {"device": self.device, "type": "allocated"}))
                 observations.append(Observation(torch.cuda.memory_reserved(self.device),
                                                 {"device": self.device, "type": "reserved"}))
-            except Exception:
+            except Exception:  # a metric callback must not raise
                 log.debug("CUDA memory figures unavailable", exc_info=True)
         return observations
 
@@ -334,7 +334,7 @@ def setup_worker(device: str, *, runtime=None, device_name: str | None = None,
         install(tracer_provider=telemetry.tracer_provider, meter_provider=telemetry.meter_provider, device=device,
                 models=models if runtime is not None else None, runtime=runtime)
         _connect_signals(telemetry)
-    except Exception:
+    except Exception:  # telemetry must never stop a worker from serving
         log.exception("telemetry setup failed; the worker runs without it")
         uninstall()
         return WorkerTelemetry(None)
@@ -378,7 +378,7 @@ def _on_prerun(task_id: str | None = None, task: Any = None, args: Sequence[Any]
         return
     try:
         _job_started(state, task_id, task, args)
-    except Exception:
+    except Exception:  # telemetry must never fail a job
         log.debug("telemetry prerun failed", exc_info=True)
 
 

@@ -242,7 +242,7 @@ def run_job(task, kind: ModelKind, request_cls: type[BaseModel], args: tuple, kw
         context.stop_as_cancelled()
     except (JobFailedError, Ignore):
         raise
-    except Exception as exc:
+    except Exception as exc:  # any model error fails this job only
         log.exception("job %s failed in model %s (attempt %d)", context.job_id, request.model, attempt)
         code = ErrorCode.OUT_OF_MEMORY if "out of memory" in str(exc).lower() else ErrorCode.MODEL_ERROR
         message = f"{type(exc).__name__}: {exc}"

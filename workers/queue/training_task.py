@@ -62,7 +62,7 @@ def train_task(self, *args, **kwargs) -> dict:
                                   should_stop=context.cancelled, progress_interval_s=PROGRESS_INTERVAL_S)
         except TrainingConfigError as exc:
             raise JobFailedError(ErrorCode.INVALID_INPUT.value, str(exc)) from None
-        except Exception as exc:
+        except Exception as exc:  # a training failure fails this job, never the worker
             log.exception("training job %s failed", context.job_id)
             code = ErrorCode.OUT_OF_MEMORY if "out of memory" in str(exc).lower() else ErrorCode.MODEL_ERROR
             raise JobFailedError(code.value, f"{type(exc).__name__}: {exc}") from None

@@ -380,7 +380,7 @@ class DynamicBatcher:
     def _run_guarded(self, batch: list[_Item], reason: str) -> None:
         try:
             self._run(batch, reason)
-        except Exception as exc:
+        except Exception as exc:  # a bug in bookkeeping must not strand callers
             log.exception("batcher %s: internal error on a batch of %d", self.name, len(batch))
             for item in batch:
                 _fail(item, exc)
@@ -447,7 +447,7 @@ class DynamicBatcher:
         if self._on_out_of_memory is not None:
             try:
                 self._on_out_of_memory()
-            except Exception:
+            except Exception:  # a failing cleanup hook must not stop recovery
                 log.exception("batcher %s: on_out_of_memory hook failed", self.name)
 
     def _relax_cap(self, size: int) -> None:

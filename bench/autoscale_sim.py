@@ -40,8 +40,9 @@ from __future__ import annotations
 import math
 import random
 from collections import Counter, deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 #: Jobs per second one inference replica completes (embed, minilm, CPU pod with 4 cores).
 #: A placeholder until bench/ measures it on the target hardware (docs/BENCHMARKS.md);
@@ -89,7 +90,7 @@ class ScalingPolicy:
             raise ValueError("target_per_replica must be > 0")
 
     @classmethod
-    def from_scaled_object(cls, scaled_object: dict[str, Any]) -> "ScalingPolicy":
+    def from_scaled_object(cls, scaled_object: dict[str, Any]) -> ScalingPolicy:
         """Read the policy from a rendered KEDA ScaledObject (dict)."""
         spec = scaled_object["spec"]
         advanced = spec.get("advanced", {})
@@ -139,7 +140,7 @@ class WorkerModel:
 
     @classmethod
     def from_deployment(cls, deployment: dict[str, Any], *, jobs_per_s: float = DEFAULT_JOBS_PER_S_PER_REPLICA,
-                        startup_s: float = 30.0, default_concurrency: int = 32) -> "WorkerModel":
+                        startup_s: float = 30.0, default_concurrency: int = 32) -> WorkerModel:
         """Read drain grace, termination grace and concurrency from a rendered Deployment."""
         pod = deployment["spec"]["template"]["spec"]
         env = {e["name"]: e.get("value") for e in pod["containers"][0].get("env", []) if "value" in e}
@@ -233,7 +234,7 @@ class SimResult:
     timeline: list[tuple[float, int, int, int, int, int]]
     end_s: float
     policy: ScalingPolicy
-    worker: "WorkerModel"
+    worker: WorkerModel
 
     # ---- derived views
     def runs_of(self, outcome: str) -> list[Run]:
@@ -275,7 +276,10 @@ class SimResult:
 
     def summary(self) -> dict[str, Any]:
         waits = sorted(self.waits())
-        p = lambda q: waits[min(len(waits) - 1, int(q * len(waits)))] if waits else 0.0  # noqa: E731
+
+        def p(q: float) -> float:
+            return waits[min(len(waits) - 1, int(q * len(waits)))] if waits else 0.0
+
         return {
             "jobs": len(self.jobs),
             "completed": len(self.completed),
@@ -569,7 +573,8 @@ def _example() -> None:  # pragma: no cover - manual use
     last = None
     for t, desired, live, alive, queued, held in result.timeline:
         if (desired, live, alive) != last or int(t * 10) % 300 == 0:
-            print(f"t={t:7.1f}s desired={desired:2d} live={live:2d} alive={alive:2d} backlog={queued:5d} held={held:4d}")
+            print(f"t={t:7.1f}s desired={desired:2d} live={live:2d} alive={alive:2d} backlog={queued:5d} "
+                  f"held={held:4d}")
             last = (desired, live, alive)
 
 

@@ -69,6 +69,7 @@ def _announce(**_: object) -> None:
 @app.task(name=TASK_EMBED)
 def embed(request: dict) -> dict:
     """One job, one forward pass over its texts; returns Fleet's ``EmbedResult`` JSON."""
+    assert _model is not None, "loaded at worker start"
     vectors = _model.embed(list(request["texts"]), bool(request.get("normalize", True)))
     return {"model": request.get("model", _model.spec.name), "device": _model.device, "dim": _model.dim,
             "vectors": vectors}

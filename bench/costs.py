@@ -31,7 +31,7 @@ class RedisSnapshot:
     calls: dict[str, int] = field(default_factory=dict)
     cpu_s: float = 0.0
 
-    def minus(self, earlier: "RedisSnapshot") -> "RedisSnapshot":
+    def minus(self, earlier: RedisSnapshot) -> RedisSnapshot:
         calls = {name: count - earlier.calls.get(name, 0) for name, count in self.calls.items()}
         return RedisSnapshot({name: count for name, count in calls.items() if count}, self.cpu_s - earlier.cpu_s)
 

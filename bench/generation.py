@@ -29,6 +29,7 @@ the project's training code to build the demo model.
 from __future__ import annotations
 
 import argparse
+import functools
 import inspect
 import json
 import platform
@@ -38,7 +39,7 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -170,10 +171,10 @@ def benchmark(model, tokenizer, device: str, levels: list[int], new_tokens: int,
         token_ids = [tokenizer(prompt)["input_ids"] for prompt in prompts]
         max_seq_len = max(map(len, token_ids)) + new_tokens + 1
         runs = [
-            lambda: run_engine(model, tokenizer, prompts, new_tokens, level, max_seq_len, "engine", level),
-            lambda: run_engine(model, tokenizer, prompts[:serial_cap], new_tokens, 1, max_seq_len, "one_at_a_time",
-                               level),
-            lambda: run_generate_batch(model, token_ids, new_tokens, device),
+            functools.partial(run_engine, model, tokenizer, prompts, new_tokens, level, max_seq_len, "engine", level),
+            functools.partial(run_engine, model, tokenizer, prompts[:serial_cap], new_tokens, 1, max_seq_len,
+                              "one_at_a_time", level),
+            functools.partial(run_generate_batch, model, token_ids, new_tokens, device),
         ]
         for run in runs:
             try:
@@ -233,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     for level, ratio in summary.items():
         print(f"N={level}: engine = " + ", ".join(f"{value:.2f}x {name[3:]}" for name, value in ratio.items()))
     if args.out:
-        report = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "commit": _commit(),
+        report = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "commit": _commit(),
                   "machine": _machine(args.device), "torch": torch.__version__,
                   "transformers": transformers.__version__, "device": args.device, "parameters": parameters,
                   "dtype": str(model.dtype), "new_tokens": args.new_tokens,

@@ -13,8 +13,6 @@ record -p <worker pid>`` to see where that cost goes (docs/BENCHMARKS.md has a p
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -23,6 +21,7 @@ from pathlib import Path
 from bench.models import build_random_bert
 from producer import FleetClient
 from workers.process.embedded_redis import RedisServer
+from workers.process.launch import LaunchedWorker
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -40,35 +39,19 @@ def write_tiny_model(root: Path) -> Path:
 def jobs_per_second(registry: Path, concurrency: int, jobs: int, workdir: Path) -> float:
     """Start a worker with ``concurrency`` task threads; time ``jobs`` jobs after one warm-up round."""
     server = RedisServer().start()
-    env = {**os.environ, "REDIS_URL": server.url, "FLEET_MODEL_REGISTRY": str(registry),
-           "FLEET_TORCH_THREADS": "1", "FLEET_CONCURRENCY": str(concurrency)}
-    with (workdir / f"worker-{concurrency}.log").open("w") as log:
-        worker = subprocess.Popen([sys.executable, "-m", "workers.commands.cli", "worker", "--device", "cpu", "--models", "tiny",
-                                   "--name", f"overhead-{concurrency}"], env=env, cwd=REPO_ROOT,
-                                  stdout=log, stderr=subprocess.STDOUT)
-        try:
-            with FleetClient(server.url) as client:
-                _wait_until_served(client)
-                client.gather(client.embed_many([["warm up"]] * jobs, model="tiny"), timeout=600)
-                started = time.perf_counter()
-                client.gather(client.embed_many([[f"ba bb bc {i}"] for i in range(jobs)], model="tiny"), timeout=600)
-                return jobs / (time.perf_counter() - started)
-        finally:
-            worker.terminate()
-            worker.wait(60)
-            server.stop()
-
-
-def _wait_until_served(client: FleetClient, timeout_s: float = 180.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            client.embed(["ready?"], model="tiny").result(timeout=2)
-            return
-        except Exception:  # noqa: BLE001 - the worker is still loading, or the model not yet in the catalog
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
+    env = {"FLEET_MODEL_REGISTRY": str(registry), "FLEET_TORCH_THREADS": "1", "FLEET_CONCURRENCY": str(concurrency)}
+    worker = LaunchedWorker(server.url, "--device", "cpu", "--models", "tiny", name=f"overhead-{concurrency}",
+                            env=env, log_path=workdir / f"worker-{concurrency}.log", cwd=REPO_ROOT)
+    try:
+        worker.wait_ready()
+        with FleetClient(server.url) as client:
+            client.gather(client.embed_many([["warm up"]] * jobs, model="tiny"), timeout=600)
+            started = time.perf_counter()
+            client.gather(client.embed_many([[f"ba bb bc {i}"] for i in range(jobs)], model="tiny"), timeout=600)
+            return jobs / (time.perf_counter() - started)
+    finally:
+        worker.stop()
+        server.stop()
 
 
 def main(argv: list[str] | None = None) -> int:

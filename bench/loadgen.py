@@ -23,8 +23,9 @@ import re
 import resource
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import redis
 
@@ -172,7 +173,8 @@ class Load:
             items = stats1["items"] - stats0["items"]
             if batches > 0:
                 result.mean_batch = items / batches
-                result.extra["worker_compute_ms_per_batch"] = 1000.0 * (stats1["compute_s"] - stats0["compute_s"]) / batches
+                compute_s = stats1["compute_s"] - stats0["compute_s"]
+                result.extra["worker_compute_ms_per_batch"] = 1000.0 * compute_s / batches
                 result.extra["worker_queue_ms_per_item"] = 1000.0 * (
                     stats1["queue_wait_s"] - stats0["queue_wait_s"]) / max(items, 1)
                 result.extra["dispatch"] = {k: stats1["dispatch"].get(k, 0) - stats0["dispatch"].get(k, 0)

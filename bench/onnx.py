@@ -32,7 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from bench.run import (
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     texts = corpus_sentences(512)
     texts_file = workdir / "texts.json"
     texts_file.write_text(json.dumps(texts))
-    meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    meta = {"date": datetime.now(UTC).isoformat(timespec="seconds"),
             "command": "python -m bench.onnx " + " ".join(argv), "load_average_at_start": os.getloadavg(),
             "machine": machine_info(), "quick": args.quick}
     print(f"bench.onnx: {meta['date']} {meta['machine'].get('cpu_model')} x{meta['machine']['cpu_count']}, "

@@ -38,8 +38,13 @@ def _timed(fn, repeat: int, max_s: float) -> list[float]:
 def _summary(seconds: list[float]) -> dict:
     from bench.loadgen import percentile
 
-    return {"n": len(seconds), "p50_ms": 1000 * percentile(seconds, 50), "p90_ms": 1000 * percentile(seconds, 90),
-            "p99_ms": 1000 * percentile(seconds, 99), "mean_ms": 1000 * sum(seconds) / len(seconds)}
+    def ms(q: float) -> float:
+        value = percentile(seconds, q)
+        assert value is not None, "seconds is not empty"
+        return 1000 * value
+
+    return {"n": len(seconds), "p50_ms": ms(50), "p90_ms": ms(90), "p99_ms": ms(99),
+            "mean_ms": 1000 * sum(seconds) / len(seconds)}
 
 
 def measure(device: str, model: str, texts: list[str], batch_sizes: list[int], single_n: int,
@@ -89,11 +94,11 @@ def measure(device: str, model: str, texts: list[str], batch_sizes: list[int], s
         id_chunks = [tokenized[i:i + size] for i in range(0, len(tokenized), size)]
         embedder.embed(chunks[0])
 
-        def e2e():
+        def e2e(chunks=chunks):
             for chunk in chunks:
                 embedder.embed(chunk)
 
-        def forward():
+        def forward(id_chunks=id_chunks):
             for chunk in id_chunks:
                 finish_vectors(embedder.run_batch(chunk), True)
 

@@ -36,15 +36,17 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import redis
 
 from bench.loadgen import Load, PhaseResult, ResultStream
 from producer import FleetClient
 from producer.contract import EmbedRequest, ModelKind, inference_queue
+from workers.process.launch import LaunchedWorker
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -128,7 +130,8 @@ def bert_sentences(count: int, tokens: int = 126, seed: int = 0) -> list[str]:
 
 # --- processes --------------------------------------------------------------------------------
 
-_CHILDREN: list["Child"] = []
+#: Every child process started, stopped at exit whatever happens (``Child`` or ``LaunchedWorker``).
+_CHILDREN: list[Child | LaunchedWorker] = []
 
 
 def _stop_children() -> None:
@@ -149,8 +152,8 @@ class Child:
         self.process = subprocess.Popen(args, env=env, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT)
         _CHILDREN.append(self)
 
-    def tail(self, chars: int = 3000) -> str:
-        return self.log_path.read_text()[-chars:]
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -176,12 +179,13 @@ def wait_until(check, timeout_s: float, child: Child, what: str) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if child.process.poll() is not None:
-            raise RuntimeError(f"{child.name} exited ({child.process.returncode}) before {what}:\n{child.tail()}")
+            raise RuntimeError(f"{child.name} exited ({child.process.returncode}) before {what}:\n"
+                               f"{child.log()[-3000:]}")
         if check():
             return
         time.sleep(0.1)
     child.stop()
-    raise RuntimeError(f"{child.name}: no {what} within {timeout_s} s:\n{child.tail()}")
+    raise RuntimeError(f"{child.name}: no {what} within {timeout_s} s:\n{child.log()[-3000:]}")
 
 
 def start_celery(profile: Profile, redis_url: str, workdir: Path) -> Child:
@@ -200,17 +204,15 @@ def start_celery(profile: Profile, redis_url: str, workdir: Path) -> Child:
     return child
 
 
-def start_fleet(profile: Profile, redis_url: str, workdir: Path) -> Child:
-    from workers.process.health import probe
-
+def start_fleet(profile: Profile, redis_url: str, workdir: Path) -> LaunchedWorker:
     env = {**child_env(profile, redis_url), "FLEET_TORCH_THREADS": str(profile.torch_threads),
            "FLEET_CONCURRENCY": str(profile.worker_concurrency), "FLEET_LOG_LEVEL": "WARNING",
            "FLEET_HEARTBEAT_INTERVAL_S": "0.5"}
-    child = Child("fleet", [sys.executable, "-m", "bench.fleet_worker", "--device", profile.device,
-                            "--models", profile.model, "--name", "bench-fleet"], env, workdir)
-    client = redis.Redis.from_url(redis_url)
-    wait_until(lambda: probe(client, worker="bench-fleet")[0], 300, child, "ready heartbeat")
-    return child
+    worker = LaunchedWorker(redis_url, "--device", profile.device, "--models", profile.model, name="bench-fleet",
+                            env=env, log_path=workdir / "fleet.log", cwd=REPO,
+                            command=[sys.executable, "-m", "bench.fleet_worker"])
+    _CHILDREN.append(worker)
+    return worker.wait_ready(300)
 
 
 def fleet_stats(redis_url: str, model: str):
@@ -242,8 +244,8 @@ def run_system(system: str, profile: Profile, redis_url: str, workdir: Path, tex
     client = FleetClient(redis_url)
     try:
         singles = [EmbedRequest(texts=[t], model=profile.model) for t in texts]
-        bulk = [EmbedRequest(texts=[texts[(i * profile.bulk_texts + j) % len(texts)] for j in range(profile.bulk_texts)],
-                             model=profile.model) for i in range(16)]
+        bulk = [EmbedRequest(texts=[texts[(i * profile.bulk_texts + j) % len(texts)]
+                                    for j in range(profile.bulk_texts)], model=profile.model) for i in range(16)]
         stats = fleet_stats(redis_url, profile.model) if system == "fleet" else None
         load = Load(system, client, stream, singles, stats=stats)
         # Warm the whole path (connections, declarations, first batches) before measuring.
@@ -281,6 +283,7 @@ def run_system(system: str, profile: Profile, redis_url: str, workdir: Path, tex
             for phase in phases:
                 phase.mean_batch = float(phase.texts_per_job)  # one forward pass per job, by construction
         else:
+            assert stats is not None, "set for fleet above"
             final = stats()
             if final is not None:
                 info["batcher"] = final
@@ -289,7 +292,7 @@ def run_system(system: str, profile: Profile, redis_url: str, workdir: Path, tex
         child.stop()
         stream.stop()
         client.close()
-    info["log_tail"] = child.tail(1500)
+    info["log_tail"] = child.log()[-1500:]
     return phases, info
 
 
@@ -521,7 +524,7 @@ def main(argv: list[str] | None = None) -> int:
     texts_file = workdir / "texts.json"
     texts_file.write_text(json.dumps(texts))
     command = "python -m bench.run " + " ".join(argv if argv is not None else sys.argv[1:])
-    meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": command,
+    meta: dict[str, Any] = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "command": command,
             "load_average_at_start": os.getloadavg(),
             "profile": {k: (v if k != "env" else {n: x for n, x in v.items() if n.startswith("OMP")})
                         for k, v in vars(profile).items()}, "machine": machine_info()}

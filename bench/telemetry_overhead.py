@@ -1,6 +1,6 @@
 """What telemetry costs when it is off (no OTLP endpoint): job latency and per-call overhead.
 
-    .venv/bin/python bench/telemetry_overhead.py [--jobs 300] [--block 25]
+    .venv/bin/python -m bench.telemetry_overhead [--jobs 300] [--block 25]
 
 1. End to end: sequential ``client.embed([text]).result()`` round trips against a real
    ``fleet worker --device cpu --models minilm`` on a private redis-server, alternating in
@@ -21,7 +21,6 @@ import argparse
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,17 +28,24 @@ import timeit
 import uuid
 from pathlib import Path
 
-for _name in [n for n in os.environ if n.startswith(("OTEL_", "OTLP_"))]:
-    del os.environ[_name]
+import redis
+
+from producer import FleetClient, keys
+from producer.contract import TASK_FOR_KIND
+from producer.settings import FleetSettings
+from workers.process.launch import LaunchedWorker
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
-import redis  # noqa: E402
 
-from producer import FleetClient, keys  # noqa: E402
-from producer.contract import TASK_FOR_KIND  # noqa: E402
-from producer.settings import FleetSettings  # noqa: E402
+def telemetry_off() -> None:
+    """Remove every OTEL_*/OTLP_* variable and FLEET_PROMETHEUS_PORT, for this process and its worker.
+
+    Importing Fleet reads none of them; ``FleetClient()`` and the worker read them when they start.
+    """
+    for name in [n for n in os.environ if n.startswith(("OTEL_", "OTLP_"))]:
+        del os.environ[name]
+    os.environ.pop("FLEET_PROMETHEUS_PORT", None)
 
 
 class PreviousClient(FleetClient):
@@ -74,25 +80,10 @@ class PreviousClient(FleetClient):
         return JobHandle(self, job_id, kind.value)
 
 
-def start_worker(redis_url: str, name: str) -> subprocess.Popen:
-    from workers.process.health import probe
-
-    fleet = Path(sys.executable).with_name("fleet")
-    command = [str(fleet)] if fleet.exists() else [sys.executable, "-m", "workers.commands.cli"]
-    log = open(Path(tempfile.gettempdir()) / f"{name}.log", "w")
-    env = {**os.environ, "REDIS_URL": redis_url, "HF_HUB_OFFLINE": "1", "FLEET_TORCH_THREADS": "1",
-           "FLEET_LOG_LEVEL": "WARNING", "FLEET_CONCURRENCY": "4"}
-    process = subprocess.Popen([*command, "worker", "--name", name, "--device", "cpu", "--models", "minilm"],
-                               env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
-    client = redis.Redis.from_url(redis_url)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"worker exited with {process.returncode}; see {log.name}")
-        if probe(client, worker=name)[0]:
-            return process
-        time.sleep(0.2)
-    raise SystemExit("worker not ready in 300 s")
+def start_worker(redis_url: str, name: str) -> LaunchedWorker:
+    env = {"HF_HUB_OFFLINE": "1", "FLEET_TORCH_THREADS": "1", "FLEET_LOG_LEVEL": "WARNING", "FLEET_CONCURRENCY": "4"}
+    return LaunchedWorker(redis_url, "--device", "cpu", "--models", "minilm", name=name, env=env,
+                          log_path=Path(tempfile.gettempdir()) / f"{name}.log", cwd=REPO).wait_ready(300)
 
 
 def round_trips(client: FleetClient, count: int) -> list[float]:
@@ -119,7 +110,6 @@ def per_call(label: str, statement, number: int = 200_000) -> str:
 def micro() -> list[str]:
     from producer import telemetry as producer_telemetry
     from workers.observability import telemetry as worker_telemetry
-
     from workers.serving.batching import BatchInfo
 
     assert producer_telemetry.setup_producer() is False and not producer_telemetry.installed()
@@ -147,6 +137,7 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=300, help="round trips per variant (default 300)")
     parser.add_argument("--block", type=int, default=25, help="round trips per alternating block (default 25)")
     args = parser.parse_args()
+    telemetry_off()
 
     from workers.process.embedded_redis import RedisServer
 
@@ -165,8 +156,7 @@ def main() -> int:
         current.close()
         previous.close()
     finally:
-        worker.terminate()
-        worker.wait(60)
+        worker.stop()
         server.stop()
 
     import torch

@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
                     for precision in args.precisions.split(",")]
             for row in rows:
                 print(f"{kind:<10} {row['precision']:<9} {row['steps']:>6} {row['ms_per_step']:>8.2f} "
-                      f"{row['samples_per_s']:>10.0f} {row['quality_metric'] + '=' + format(row['quality'], '.4f'):>18} "
+                      f"{row['samples_per_s']:>10.0f} "
+                      f"{row['quality_metric'] + '=' + format(row['quality'], '.4f'):>18} "
                       f"{row['train_seconds']:>7.1f} s")
             report["kinds"][kind] = {"runs": rows}
             if len(rows) == 2:

@@ -26,7 +26,8 @@ from producer.errors import (
 
 __all__ = [
     "FleetClient", "JobHandle", "EmbedResult", "ClassifyResult", "GenerateResult", "ErrorCode",
-    "JobError", "JobStatus", "FleetError", "InvalidRequest", "JobCancelled", "JobExpired", "QueueFull", "JobFailedError",
+    "JobError", "JobStatus", "FleetError", "InvalidRequest", "JobCancelled", "JobExpired", "QueueFull",
+    "JobFailedError",
     "JobTimeout", "UnknownModel", "WrongModelKind", "AsyncFleetClient", "AsyncJobHandle",
     "TrainProgress", "TrainResult",
 ]

@@ -12,6 +12,7 @@ import redis
 from producer import keys
 from producer.errors import QueueFull
 from producer.queues import queue_depth
+from producer.redis_connection import text
 
 #: How often a blocked submission re-checks the queue depth, in seconds.
 BACKPRESSURE_POLL_S = 0.05
@@ -43,7 +44,7 @@ def claim_idempotency_key(client: redis.Redis, key: str, job_id: str, window_s: 
     if client.set(keys.idempotency(key), job_id, nx=True, ex=window_s):
         return None
     existing = client.get(keys.idempotency(key))
-    return existing.decode() if existing else None
+    return text(existing) if existing else None
 
 
 def release_idempotency_key(client: redis.Redis, key: str, job_id: str) -> None:
@@ -51,7 +52,7 @@ def release_idempotency_key(client: redis.Redis, key: str, job_id: str) -> None:
     bound = keys.idempotency(key)
     with client.pipeline() as pipe:
         try:
-            pipe.watch(bound)
+            pipe.watch(bound)  # type: ignore[no-untyped-call]  # redis-py leaves Pipeline.watch untyped
             if pipe.get(bound) == job_id.encode():
                 pipe.multi()
                 pipe.delete(bound)

@@ -19,8 +19,9 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import AsyncIterator, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, AsyncIterator, Iterable, Sequence
+from typing import Any
 
 import redis.asyncio as aioredis
 from pydantic import BaseModel
@@ -28,7 +29,6 @@ from pydantic import BaseModel
 from producer import keys
 from producer.admission import claim_idempotency_key
 from producer.celery_config import PRIORITY_DEFAULT
-from producer.redis_connection import async_redis_client
 from producer.client import (
     MGET_CHUNK,
     RECHECK_S,
@@ -49,6 +49,7 @@ from producer.contract import (
 )
 from producer.contract.inference import EmbedEncoding
 from producer.errors import FleetError, InvalidRequest, JobTimeout
+from producer.redis_connection import async_redis_client
 from producer.settings import FleetSettings
 
 __all__ = ["AsyncFleetClient", "AsyncJobHandle"]
@@ -57,7 +58,7 @@ __all__ = ["AsyncFleetClient", "AsyncJobHandle"]
 class AsyncJobHandle:
     """A submitted job, followed without blocking the event loop."""
 
-    def __init__(self, client: "AsyncFleetClient", job_id: str, kind: str | None = None):
+    def __init__(self, client: AsyncFleetClient, job_id: str, kind: str | None = None):
         self._client = client
         self.id = job_id
         self._kind = kind
@@ -133,7 +134,7 @@ class AsyncFleetClient:
         self._results = _ResultRouter(self._redis)
         self._closed = False
 
-    async def __aenter__(self) -> "AsyncFleetClient":
+    async def __aenter__(self) -> AsyncFleetClient:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -262,7 +263,7 @@ class AsyncFleetClient:
                 try:
                     channel, payload = await asyncio.wait_for(inbox.get(), wait)
                     collector.feed(channel, payload)
-                except asyncio.TimeoutError:  # safety net: re-read what is still pending, in one MGET
+                except TimeoutError:  # safety net: re-read what is still pending, in one MGET
                     pending = list(collector.pending)
                     collector.feed_many(zip(pending, await self._redis.mget(pending)))
                 for item in collector.drain_ready():
@@ -336,7 +337,7 @@ class _ResultRouter:
             self._reader = asyncio.create_task(self._read(), name="fleet-results")
         try:
             await asyncio.wait_for(asyncio.gather(*waits), SUBSCRIBE_CONFIRM_S)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             # A confirmation that never came must not hang the caller: it goes on with its MGET
             # and the periodic re-read, which find results whatever pub/sub delivered.
             for channel, future in zip(channels, waits):
@@ -383,7 +384,7 @@ class _ResultRouter:
                         inbox.put_nowait((channel, message["data"]))
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # noqa: BLE001 - hand the failure to everyone waiting on a subscription
+        except Exception as exc:  # hand the failure to everyone waiting on a subscription
             for waiting in self._confirmations.values():
                 for future in waiting:
                     if not future.done():
@@ -396,7 +397,7 @@ class _ResultRouter:
             self._reader.cancel()
             try:
                 await self._reader
-            except (asyncio.CancelledError, Exception):  # noqa: BLE001
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001 - closing: what the reader raised no longer matters
                 pass
         if self._pubsub is not None:
             await self._pubsub.aclose()

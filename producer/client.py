@@ -8,8 +8,9 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from datetime import datetime, timezone
-from typing import Any, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from datetime import UTC, datetime
+from typing import Any
 
 import redis
 from celery import Celery, states
@@ -32,10 +33,10 @@ from producer.contract import (
     GenerateRequest,
     GenerateResult,
     JobStatus,
+    ModelKind,
     TrainProgress,
     TrainRequest,
     TrainResult,
-    ModelKind,
     inference_queue,
 )
 from producer.contract.inference import EmbedEncoding
@@ -107,7 +108,7 @@ class ModelCatalog:
 class JobHandle:
     """A submitted job. Cheap to create; every method asks Redis afresh."""
 
-    def __init__(self, client: "FleetClient", job_id: str, kind: str | None = None):
+    def __init__(self, client: FleetClient, job_id: str, kind: str | None = None):
         self._client = client
         self.id = job_id
         self._kind = kind
@@ -215,7 +216,7 @@ class FleetClient:
         if getattr(self, "_publisher_app", None) is not None:
             self._publisher_app.close()
 
-    def __enter__(self) -> "FleetClient":
+    def __enter__(self) -> FleetClient:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -296,7 +297,7 @@ class FleetClient:
             if existing is not None:
                 return JobHandle(self, existing)
         submitted_at = time.time()
-        expires = None if deadline_s is None else datetime.fromtimestamp(submitted_at + deadline_s, timezone.utc)
+        expires = None if deadline_s is None else datetime.fromtimestamp(submitted_at + deadline_s, UTC)
         record = _job_record(kind, request, queue, submitted_at, task=task_name, priority=priority, expires=expires)
         with self._redis.pipeline(transaction=False) as pipe:
             _record_jobs(pipe, {job_id: record}, self.settings.result_expires_s)
@@ -367,7 +368,7 @@ class FleetClient:
         elif len(job_ids) != len(checked):
             raise InvalidRequest(f"{len(job_ids)} job ids for {len(checked)} requests")
         submitted_at = time.time()
-        expires = None if deadline_s is None else datetime.fromtimestamp(submitted_at + deadline_s, timezone.utc)
+        expires = None if deadline_s is None else datetime.fromtimestamp(submitted_at + deadline_s, UTC)
         task_name = TASK_FOR_KIND[kind]
         records = {job_id: _job_record(kind, request, queues[request.model], submitted_at, task=task_name,
                                        priority=priority, expires=expires)
@@ -550,7 +551,7 @@ class ResultCollector:
     ``FleetError``. No I/O except one pipelined HMGET for handles whose kind is not known yet.
     """
 
-    def __init__(self, client: "FleetClient", handles: Iterable[Any]):
+    def __init__(self, client: FleetClient, handles: Iterable[Any]):
         self._client = client
         backend = client.celery.backend
         self._decode = backend.decode_result

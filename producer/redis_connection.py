@@ -24,7 +24,7 @@ This module imports neither torch nor worker code.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
 import redis
@@ -33,6 +33,10 @@ from redis.retry import Retry
 from redis.sentinel import Sentinel, SentinelManagedConnection
 
 from producer.settings import FleetSettings
+from producer.version_guard import require_tested_version
+
+if TYPE_CHECKING:
+    from redis import asyncio as aioredis
 
 SENTINEL_SCHEME = "sentinel"
 DEFAULT_SENTINEL_PORT = 26379
@@ -42,7 +46,7 @@ DEFAULT_SENTINEL_PORT = 26379
 #: connection error or timeout, retry with exponential backoff (0.1 s doubling, at most 2 s,
 #: with jitter) up to 12 times: between about 10 and 19 s in all, which rides out a Redis
 #: restart or a Sentinel failover, then the error is raised. redis-py's default gives up
-#: after a second or two (measured: a failover under load then fails ~2 s of submissions).
+#: after a second or two (docs/RELIABILITY.md, "Sentinel", has the failover runs).
 RETRY_ATTEMPTS = 12
 RETRY_BACKOFF_BASE_S = 0.1
 RETRY_BACKOFF_CAP_S = 2.0
@@ -63,16 +67,18 @@ class MasterFollowingConnection(SentinelManagedConnection):
     command retried after a connection error reconnects through ``connect_check_health()``
     (from ``send_packed_command``), which reuses the address of the master that just died.
     With a patient retry policy a command issued across a failover then spends its whole
-    retry budget (~14 s measured) knocking on the dead master and fails. Routing those
-    reconnects through ``connect()`` makes it follow the promoted replica within one retry.
+    retry budget knocking on the dead master and fails (docs/RELIABILITY.md, "Sentinel").
+    Routing those reconnects through ``connect()`` makes it follow the promoted replica within
+    one retry. Used only on the redis-py releases of ``producer.version_guard.TESTED_VERSIONS``.
     """
 
-    def connect_check_health(self, check_health: bool = True, retry_socket_connect: bool = True):
+    def connect_check_health(self, check_health: bool = True, retry_socket_connect: bool = True) -> None:
         if self._sock:
-            return None
+            return
         if not retry_socket_connect:  # called by connect_to() with a freshly looked-up address
-            return super().connect_check_health(check_health=check_health, retry_socket_connect=False)
-        return self.connect()
+            super().connect_check_health(check_health=check_health, retry_socket_connect=False)
+            return
+        self.connect()  # type: ignore[no-untyped-call]  # redis-py leaves SentinelManagedConnection.connect untyped
 
 
 class RedisURLError(ValueError):
@@ -131,7 +137,8 @@ def sentinel_master_name(settings: FleetSettings) -> str:
     return settings.sentinel_master
 
 
-def _sentinel_parts(settings: FleetSettings, options: dict[str, Any]) -> tuple[SentinelURL, str, dict, dict]:
+def _sentinel_parts(settings: FleetSettings, options: dict[str, Any]
+                    ) -> tuple[SentinelURL, str, dict[str, Any], dict[str, Any]]:
     spec = parse_sentinel_url(settings.redis_url)
     master = sentinel_master_name(settings)
     # Sentinels get only the socket options (no password: the URL's credentials are the master's).
@@ -161,13 +168,16 @@ def redis_client(settings: FleetSettings, *, patient: bool = True, **options: An
     """
     options = _with_policy(options, patient)
     if not is_sentinel_url(settings.redis_url):
-        return redis.Redis.from_url(settings.redis_url, **options)
+        client: redis.Redis = redis.Redis.from_url(settings.redis_url, **options)
+        return client
     spec, master, sentinel_kwargs, master_kwargs = _sentinel_parts(settings, options)
+    require_tested_version("redis", "producer.redis_connection.MasterFollowingConnection")
     sentinel = Sentinel(spec.sentinels, sentinel_kwargs=sentinel_kwargs)
-    return sentinel.master_for(master, **master_kwargs)
+    master_client: redis.Redis = sentinel.master_for(master, **master_kwargs)
+    return master_client
 
 
-def async_redis_client(settings: FleetSettings, *, patient: bool = True, **options: Any):
+def async_redis_client(settings: FleetSettings, *, patient: bool = True, **options: Any) -> aioredis.Redis:
     """The asyncio twin of ``redis_client`` (``redis.asyncio.Redis``), with the same retry policy."""
     from redis import asyncio as aioredis
     from redis.asyncio.retry import Retry as AsyncRetry
@@ -179,12 +189,20 @@ def async_redis_client(settings: FleetSettings, *, patient: bool = True, **optio
                    "socket_connect_timeout": CONNECT_TIMEOUT_S, **options}
 
     if not is_sentinel_url(settings.redis_url):
-        return aioredis.Redis.from_url(settings.redis_url, **options)
+        client: aioredis.Redis = aioredis.Redis.from_url(settings.redis_url, **options)
+        return client
     spec, master, sentinel_kwargs, master_kwargs = _sentinel_parts(settings, options)
     if master_kwargs.get("connection_class") is MasterFollowingConnection:
         del master_kwargs["connection_class"]  # sync class; the asyncio client keeps redis-py's own
     sentinel = AsyncSentinel(spec.sentinels, sentinel_kwargs=sentinel_kwargs)
-    return sentinel.master_for(master, **master_kwargs)
+    master_client: aioredis.Redis = sentinel.master_for(master, **master_kwargs)
+    return master_client
+
+
+def text(reply: bytes | str) -> str:
+    """A Redis reply as text. Fleet's clients return bytes (no ``decode_responses``); redis-py types
+    replies ``bytes | str``, so code that decodes one says so through here."""
+    return reply.decode() if isinstance(reply, bytes) else reply
 
 
 def redacted_url(url: str) -> str:

@@ -34,7 +34,10 @@ import sys
 import threading
 import time
 import uuid
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
+
+from producer.optional import require_extra
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +48,8 @@ ENDPOINT_ENV = "OTEL_EXPORTER_OTLP_ENDPOINT"
 #: The seed's name for ``OTEL_EXPORTER_OTLP_ENDPOINT``, accepted as an alias.
 ENDPOINT_ALIAS_ENV = "OTLP_ENDPOINT"
 _SIGNALS = ("traces", "metrics", "logs")
-_ENDPOINT_VARIABLES = (ENDPOINT_ENV, ENDPOINT_ALIAS_ENV, *(f"OTEL_EXPORTER_OTLP_{s.upper()}_ENDPOINT" for s in _SIGNALS))
+_ENDPOINT_VARIABLES = (ENDPOINT_ENV, ENDPOINT_ALIAS_ENV,
+                       *(f"OTEL_EXPORTER_OTLP_{s.upper()}_ENDPOINT" for s in _SIGNALS))
 #: Signals Fleet sends over OTLP by default once an endpoint is set (logs are opt-in).
 _OTLP_BY_DEFAULT = ("traces", "metrics")
 
@@ -87,20 +91,17 @@ def default_exporters(environ: Mapping[str, str] | None = None) -> dict[str, lis
     the signal's ``OTEL_<SIGNAL>_EXPORTER`` is unset; the SDK adds whatever that variable names."""
     env = os.environ if environ is None else environ
     endpoint = any(env.get(name) for name in _ENDPOINT_VARIABLES)
-    return {signal: ["otlp"] if endpoint and signal in _OTLP_BY_DEFAULT and not env.get(f"OTEL_{signal.upper()}_EXPORTER")
-            else [] for signal in _SIGNALS}
+    return {signal: ["otlp"] if endpoint and signal in _OTLP_BY_DEFAULT
+            and not env.get(f"OTEL_{signal.upper()}_EXPORTER") else [] for signal in _SIGNALS}
 
 
 # --- resource ------------------------------------------------------------------------------
 
 
 def fleet_version() -> str:
-    try:
-        from importlib.metadata import version
+    from producer.version import __version__
 
-        return version("fleet")
-    except Exception:  # noqa: BLE001 - not installed as a distribution (e.g. a source checkout)
-        return "0+unknown"
+    return __version__
 
 
 def resource_defaults(default_service_name: str, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -169,6 +170,7 @@ def setup(default_service_name: str, *, resource_attributes: Mapping[str, Any] |
     global _installed, _fleet_owns_providers
     if not configured():
         return False
+    require_extra("opentelemetry.sdk", extra="otel", purpose="telemetry export (OTEL_* is set)")
     with _lock:
         if _installed:
             return True
@@ -206,7 +208,7 @@ def flush(timeout_ms: int = 5000) -> None:
     for provider in _providers():
         try:
             getattr(provider, "force_flush", lambda _timeout: None)(timeout_ms)
-        except Exception:  # noqa: BLE001 - telemetry must never break the caller
+        except Exception:
             log.debug("telemetry flush failed", exc_info=True)
 
 
@@ -221,7 +223,7 @@ def shutdown() -> None:
     for provider in _providers():
         try:
             getattr(provider, "shutdown", lambda: None)()
-        except Exception:  # noqa: BLE001
+        except Exception:
             log.debug("telemetry shutdown failed", exc_info=True)
 
 
@@ -239,7 +241,7 @@ def setup_producer(default_service_name: str = "fleet-producer") -> bool:
     try:
         setup(default_service_name)
         instrument_celery()
-    except Exception:  # noqa: BLE001 - telemetry must never break job submission
+    except Exception:
         log.exception("telemetry setup failed; continuing without tracing")
         return False
     return True

@@ -7,10 +7,14 @@ import os
 
 import pytest
 import redis
+from hypothesis import settings as hypothesis_settings
 
 from producer import FleetClient
 from tests.support.fleet_processes import WorkerProcess
 from workers.process.embedded_redis import RedisServer
+
+#: A skipped test fails the README's test command unless it is marked gpu (tests/support/no_skips.py).
+pytest_plugins = ["tests.support.no_skips"]
 
 _names = itertools.count()
 
@@ -90,7 +94,6 @@ def demo_registry(tmp_path_factory):
 
 # --- Hypothesis profiles (property tests) ------------------------------------------------------------
 
-from hypothesis import settings as hypothesis_settings  # noqa: E402
 
 #: ``fleet`` (the default) makes every run try the same examples (derandomized: CI is reproducible),
 #: keeps no example database in the checkout, and sets no per-example deadline (a busy 2-core CI machine

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import copy
 import sys
 import tomllib
 from pathlib import Path

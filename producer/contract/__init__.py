@@ -1,8 +1,8 @@
 """The job contract: the one thing producer and workers share (see docs/PROTOCOL.md)."""
 
-from producer.contract.common import *  # noqa: F401,F403
-from producer.contract.common import __all__ as _common_all  # noqa: F401
-from producer.contract.inference import (  # noqa: F401
+from producer.contract.common import *  # noqa: F403 - re-exports common's __all__, which lists them once
+from producer.contract.common import __all__ as _common_all
+from producer.contract.inference import (
     ClassifyRequest,
     ClassifyResult,
     EmbedRequest,
@@ -11,10 +11,16 @@ from producer.contract.inference import (  # noqa: F401
     GenerateResult,
     LabelScore,
 )
-from producer.contract.training import (  # noqa: F401
+from producer.contract.training import (
     Precision,
     TrainKind,
     TrainProgress,
     TrainRequest,
     TrainResult,
 )
+
+__all__ = [
+    *_common_all,
+    "ClassifyRequest", "ClassifyResult", "EmbedRequest", "EmbedResult", "GenerateRequest", "GenerateResult",
+    "LabelScore", "Precision", "TrainKind", "TrainProgress", "TrainRequest", "TrainResult",
+]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import binascii
 import sys
 from array import array
-from typing import Annotated, Any, Literal, Optional, get_args
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
     Field,
@@ -71,11 +71,11 @@ class EmbedResult(WireModel):
     device: str
     dim: int
     encoding: EmbedEncoding = "float"
-    vectors: Optional[list[list[float]]] = None
-    vectors_b64: Optional[list[StrictStr]] = None
+    vectors: list[list[float]] | None = None
+    vectors_b64: list[StrictStr] | None = None
 
     @model_validator(mode="after")
-    def _vectors_match_encoding(self) -> "EmbedResult":
+    def _vectors_match_encoding(self) -> EmbedResult:
         if self.encoding == "float":
             if self.vectors is None or self.vectors_b64 is not None:
                 raise ValueError('encoding "float" carries its vectors in vectors (and no vectors_b64)')
@@ -95,7 +95,7 @@ class EmbedResult(WireModel):
     @model_serializer(mode="wrap")
     def _leave_out_unused_field(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         """On the wire the vectors field the encoding does not use is absent, not null."""
-        data = handler(self)
+        data: dict[str, Any] = handler(self)
         data.pop("vectors_b64" if self.encoding == "float" else "vectors", None)
         return data
 
@@ -105,11 +105,11 @@ class EmbedResult(WireModel):
             return self.vectors
         return [vector.tolist() for vector in self.as_arrays()]
 
-    def as_arrays(self) -> list[array]:
+    def as_arrays(self) -> list[array[float]]:
         """Every vector as an ``array.array("f")`` (float32, native byte order)."""
         if self.vectors is not None:
             return [array("f", vector) for vector in self.vectors]
-        return [_float32_array(_b64_bytes(text)) for text in self.vectors_b64]
+        return [_float32_array(_b64_bytes(text)) for text in self.vectors_b64 or []]
 
     def as_bytes(self) -> list[bytes]:
         """Every vector as its ``4 * dim`` bytes of little-endian float32 (base64: just decoded)."""
@@ -118,7 +118,7 @@ class EmbedResult(WireModel):
         return [_le_float32_bytes(vector) for vector in self.as_arrays()]
 
 
-def encode_vector_b64(vector: "list[float] | array") -> str:
+def encode_vector_b64(vector: list[float] | array[float]) -> str:
     """One vector as ``EmbedEncoding`` ``"base64"`` text (float32, little-endian, standard base64)."""
     return binascii.b2a_base64(_le_float32_bytes(array("f", vector)), newline=False).decode("ascii")
 
@@ -131,7 +131,7 @@ def decode_vector_b64(text: str) -> list[float]:
     return _float32_array(_b64_bytes(text)).tolist()
 
 
-def _float32_array(raw: bytes) -> array:
+def _float32_array(raw: bytes) -> array[float]:
     """Little-endian float32 bytes -> ``array("f")`` in native byte order."""
     if len(raw) % 4:
         raise ValueError(f"{len(raw)} bytes is not a whole number of float32 values")
@@ -142,7 +142,7 @@ def _float32_array(raw: bytes) -> array:
     return vector
 
 
-def _le_float32_bytes(vector: array) -> bytes:
+def _le_float32_bytes(vector: array[float]) -> bytes:
     if sys.byteorder == "big":
         vector = array("f", vector)
         vector.byteswap()
@@ -175,20 +175,20 @@ class ClassifyRequest(WireModel):
     """
 
     v: StrictInt = PROTOCOL_VERSION
-    texts: Optional[Annotated[list[Text], Field(min_length=1, max_length=Limits.MAX_TEXTS_PER_JOB)]] = None
-    inputs: Optional[Annotated[list[FeatureVector], Field(min_length=1, max_length=Limits.MAX_TEXTS_PER_JOB)]] = None
+    texts: Annotated[list[Text], Field(min_length=1, max_length=Limits.MAX_TEXTS_PER_JOB)] | None = None
+    inputs: Annotated[list[FeatureVector], Field(min_length=1, max_length=Limits.MAX_TEXTS_PER_JOB)] | None = None
     model: ModelName
     top_k: Annotated[StrictInt, Field(ge=1, le=Limits.MAX_LABELS_RETURNED)] = 1
 
     @model_validator(mode="after")
-    def _exactly_one_input_kind(self) -> "ClassifyRequest":
+    def _exactly_one_input_kind(self) -> ClassifyRequest:
         if (self.texts is None) == (self.inputs is None):
             raise ValueError("give exactly one of texts or inputs")
         return self
 
     @property
     def size(self) -> int:
-        return len(self.texts if self.texts is not None else self.inputs)
+        return len(self.texts if self.texts is not None else self.inputs or [])
 
 
 class LabelScore(WireModel):
@@ -222,7 +222,7 @@ class GenerateRequest(WireModel):
     temperature: Annotated[StrictFloat | StrictInt, Field(ge=0.0, le=5.0)] = 0.0
     top_p: Probability = 1.0
     #: The range torch.Generator.manual_seed takes; a seed outside it failed in the model, every attempt.
-    seed: Optional[Annotated[StrictInt, Field(ge=-(2**63), le=2**64 - 1)]] = None
+    seed: Annotated[StrictInt, Field(ge=-2 ** 63, le=2 ** 64 - 1)] | None = None
     stop: Annotated[list[Text], Field(max_length=Limits.MAX_STOP_STRINGS)] = Field(default_factory=list)
     stream: StrictBool = False
     truncate: StrictBool = False

@@ -11,7 +11,7 @@ so that each kind reaches its quality bar on one CPU in well under a minute.
 from __future__ import annotations
 
 from enum import Enum
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 from pydantic import (
     Field,
@@ -106,7 +106,7 @@ class TrainRequest(WireModel):
     seed: Annotated[StrictInt, Field(ge=0, le=2**32 - 1)] = 0
     checkpoint_every_steps: Annotated[StrictInt, Field(ge=1)] = 50
     eval_fraction: Annotated[StrictFloat, Field(gt=0.0, lt=0.5)] = 0.2
-    register_as: Optional[ModelName] = None
+    register_as: ModelName | None = None
     export_onnx: StrictBool = False
 
     @model_validator(mode="before")
@@ -137,7 +137,7 @@ class TrainRequest(WireModel):
         return value
 
     @model_validator(mode="after")
-    def _export_fits_kind(self) -> "TrainRequest":
+    def _export_fits_kind(self) -> TrainRequest:
         if self.export_onnx and self.kind not in ONNX_EXPORTABLE_KINDS:
             known = ", ".join(kind.value for kind in ONNX_EXPORTABLE_KINDS)
             raise ValueError(f"export_onnx is for kinds {known}; a {self.kind.value} model is served by PyTorch only")
@@ -187,4 +187,4 @@ class TrainResult(WireModel):
     resumed_from_step: int
     artifact: str
     cancelled: bool
-    onnx_artifact: Optional[str] = None
+    onnx_artifact: str | None = None

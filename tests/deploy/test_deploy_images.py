@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "infra" / "docker" / "Dockerfile"
 CONSTRAINTS = ROOT / "infra" / "docker" / "constraints.txt"
 #: Extras the image installs; the others (dev, demo...) stay out of the production image.
-IMAGE_EXTRAS = ("worker", "otel", "dashboard")
+IMAGE_EXTRAS = ("worker", "training", "otel", "dashboard")
 
 
 def parse(path: Path):

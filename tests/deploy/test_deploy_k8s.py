@@ -53,7 +53,7 @@ render = _load("fleet_infra_k8s_render", K8S / "render.py")
 
 def _need_pykustomize() -> None:
     try:
-        import pykustomize  # noqa: F401
+        import pykustomize  # noqa: F401 - only: is it installed?
     except ImportError:
         message = "pykustomize not installed: pip install --ignore-requires-python pykustomize==0.1.4"
         if os.environ.get("CI"):
@@ -211,7 +211,8 @@ def test_core_resources_pass_kubernetes_validate(rendered, kube_version):
         try:
             kubernetes_validate.validate(resource, version, strict=True)
         except kubernetes_validate.ValidationError as exc:
-            pytest.fail(f"{resource['kind']}/{resource['metadata']['name']} @ {version}: {exc.message} at {list(exc.path)}")
+            pytest.fail(f"{resource['kind']}/{resource['metadata']['name']} @ {version}: {exc.message} "
+                        f"at {list(exc.path)}")
         checked += 1
     assert checked >= 12
 
@@ -615,7 +616,8 @@ def test_redis_is_durable_never_evicts_and_needs_a_password(rendered):
     assert {"name": "data", "mountPath": "/data"} in container["volumeMounts"]
     conf_volume = next(v for v in pod_spec(sts)["volumes"] if v["name"] == "config")
     conf = render.one(resources, "ConfigMap", conf_volume["configMap"]["name"])["data"]["redis.conf"]
-    directives = {line.split()[0]: line.split(None, 1)[1] for line in conf.splitlines() if line.strip() and not line.startswith("#")}
+    directives = {line.split()[0]: line.split(None, 1)[1]
+                  for line in conf.splitlines() if line.strip() and not line.startswith("#")}
     assert directives["appendonly"] == "yes"
     assert directives["appendfsync"] == "everysec"
     assert directives["maxmemory-policy"] == "noeviction"
@@ -639,7 +641,8 @@ def test_no_credentials_outside_the_secret(rendered):
     for cm in render.find(resources, "ConfigMap"):
         for key, value in cm.get("data", {}).items():
             assert not SECRETISH_KEY.search(key), f"ConfigMap {cm['metadata']['name']} has key {key}"
-            assert not CREDENTIAL_URL.search(value), f"ConfigMap {cm['metadata']['name']}/{key} holds a URL with credentials"
+            assert not CREDENTIAL_URL.search(value), (
+                f"ConfigMap {cm['metadata']['name']}/{key} holds a URL with credentials")
             assert not re.search(r"^\s*requirepass\s", value, re.M), f"ConfigMap {cm['metadata']['name']}/{key}"
     for workload in render.find(resources, "Deployment") + render.find(resources, "StatefulSet"):
         for container in pod_spec(workload)["containers"]:

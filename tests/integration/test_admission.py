@@ -56,7 +56,8 @@ def test_interactive_jobs_overtake_queued_bulk_jobs(idle_fleet):
             client.gather(bulk + [urgent], timeout=120)
         finally:
             worker.stop()
-        done_at = {h.id: json.loads(client._redis.get(f"celery-task-meta-{h.id}"))["date_done"] for h in bulk + [urgent]}
+        done_at = {h.id: json.loads(client._redis.get(f"celery-task-meta-{h.id}"))["date_done"]
+                   for h in [*bulk, urgent]}
     finished_before_urgent = sum(done_at[h.id] < done_at[urgent.id] for h in bulk)
     assert finished_before_urgent <= 2, f"{finished_before_urgent} bulk jobs ran before the interactive one"
 

@@ -40,7 +40,8 @@ def poisoned_fleet(tmp_path_factory):
     root = tmp_path_factory.mktemp("dlq")
     good_words, poison_word = write_mismatched_encoder(root / "mismatched")
     registry = root / "registry.toml"
-    registry.write_text(f'[models.mismatched]\nkind = "embed"\nsource = "dir:{root / "mismatched"}"\nmax_wait_ms = 20\n')
+    registry.write_text(f'[models.mismatched]\nkind = "embed"\nsource = "dir:{root / "mismatched"}"\n'
+                        'max_wait_ms = 20\n')
     worker = WorkerProcess(server.url, "--device", "cpu", "--registry", str(registry), "--models", "mismatched",
                            name="test-dlq", env={"FLEET_MAX_ATTEMPTS": "3"}).wait_ready()
     yield server, worker, good_words, poison_word

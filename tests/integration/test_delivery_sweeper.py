@@ -16,8 +16,8 @@ import redis
 
 from producer import FleetClient, keys
 from tests.support.fleet_processes import WorkerProcess
-from workers.queue.delivery_sweeper import UNACKED_HASH, DeliverySweeper, message_job_id
 from workers.process.embedded_redis import RedisServer
+from workers.queue.delivery_sweeper import UNACKED_HASH, DeliverySweeper, message_job_id
 
 pytestmark = pytest.mark.integration
 
@@ -88,7 +88,8 @@ def test_a_message_lost_on_its_way_to_a_worker_still_gets_its_result(private_red
         finally:
             second.stop()
     got = result.vectors[0]
-    cosine = sum(x * y for x, y in zip(got, expected)) / math.sqrt(sum(x * x for x in got) * sum(y * y for y in expected))
+    norms = math.sqrt(sum(x * x for x in got) * sum(y * y for y in expected))
+    cosine = sum(x * y for x, y in zip(got, expected)) / norms
     assert cosine >= 0.9999
     assert "was lost in delivery" in second.log()
     assert client.zscore(keys.PENDING, handle.id) is None  # started: off the pending set

@@ -37,7 +37,8 @@ def write_random_models(root: Path) -> Path:
                       intermediate_size=1024)
     labels = ["a", "b", "c"]
     classifier = BertForSequenceClassification.from_pretrained(
-        root / "encoder", num_labels=3, id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)})
+        root / "encoder", num_labels=3, id2label=dict(enumerate(labels)),
+        label2id={label: i for i, label in enumerate(labels)})
     classifier.save_pretrained(root / "classifier")
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (root / "classifier" / name).write_bytes((root / "encoder" / name).read_bytes())

@@ -10,6 +10,7 @@ import pytest
 from producer import FleetClient
 from producer.contract import Limits
 from tests.support.fleet_processes import WorkerProcess, fleet_executable
+from workers.commands.exit_codes import ExitCode
 from workers.process.embedded_redis import RedisServer
 
 pytestmark = pytest.mark.integration
@@ -30,13 +31,13 @@ def test_model_that_fails_to_load_stops_the_worker_with_a_reason(redis_url, tmp_
                            name="test-broken")
     code = worker.process.wait(120)
     worker.stop()
-    assert code == 3
+    assert code == ExitCode.MODEL_LOAD_FAILED
     assert "loading models failed" in worker.log() and "no-such-directory" in worker.log()
 
 
 def test_unknown_model_name_stops_the_worker(redis_url):
     worker = WorkerProcess(redis_url, "--device", "cpu", "--models", "ghost", name="test-ghost")
-    assert worker.process.wait(60) == 2
+    assert worker.process.wait(60) == ExitCode.CONFIG
     worker.stop()
     assert "not in the registry: ghost" in worker.log()
 
@@ -108,4 +109,5 @@ def test_fleet_health_exit_codes(redis_url, embed_worker):
     assert missing.returncode == 1 and "no heartbeat" in missing.stdout
     down = subprocess.run([*fleet_executable(), "health"], env={**env, "REDIS_URL": "redis://127.0.0.1:1/0"},
                           capture_output=True, text=True, timeout=60)
-    assert down.returncode == 1 and "unreachable" in down.stdout
+    assert down.returncode == ExitCode.REDIS_UNAVAILABLE
+    assert "cannot reach Redis at redis://127.0.0.1:1/0" in down.stderr

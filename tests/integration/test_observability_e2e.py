@@ -91,7 +91,8 @@ def scenario(redis_url, tmp_path_factory):
     otel_redis_url = redis_url.rsplit("/", 1)[0] + "/7"
     registry = Path(tmp_path_factory.mktemp("otel")) / "registry.toml"
     registry.write_text(REGISTRY)
-    worker = WorkerProcess(otel_redis_url, "--device", "cpu", "--models", "minilm", name=f"otel-e2e-{os.getpid()}", env={
+    worker = WorkerProcess(otel_redis_url, "--device", "cpu", "--models", "minilm", name=f"otel-e2e-{os.getpid()}",
+                           env={
         "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.http_endpoint, "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
         "OTEL_SERVICE_NAME": "fleet-worker-test", "OTEL_RESOURCE_ATTRIBUTES": "deployment.environment=test",
         "OTEL_BSP_SCHEDULE_DELAY": "200", "OTEL_METRIC_EXPORT_INTERVAL": "1000",
@@ -105,7 +106,8 @@ def scenario(redis_url, tmp_path_factory):
         completed = subprocess.run([sys.executable, "-c", PRODUCER], env=env, cwd=REPO_ROOT, capture_output=True,
                                    text=True, timeout=300)
         assert completed.returncode == 0, completed.stdout + completed.stderr + worker.log()[-4000:]
-        jobs = json.loads(next(l for l in completed.stdout.splitlines() if l.startswith("JOBS ")).removeprefix("JOBS "))
+        jobs_line = next(line for line in completed.stdout.splitlines() if line.startswith("JOBS "))
+        jobs = json.loads(jobs_line.removeprefix("JOBS "))
         assert jobs["dims"] == [384] * len(TEXTS)
     finally:
         exit_code = worker.stop()  # SIGTERM: the worker flushes its spans and metrics on the way out
@@ -154,7 +156,8 @@ def test_tokenisation_and_forward_pass_in_the_job_trace(scenario):
         assert attributes["ml.device"] == "cpu" and attributes["ml.dtype"] == "float32"
         batch_size, seq_len = attributes["ml.input.shape"]
         assert attributes["ml.batch.size"] == batch_size >= 1 and attributes["ml.seq_len"] == seq_len >= 2
-        assert 0 < attributes["ml.output.norm.min"] <= attributes["ml.output.norm.mean"] <= attributes["ml.output.norm.max"]
+        norms = [attributes[f"ml.output.norm.{name}"] for name in ("min", "mean", "max")]
+        assert 0 < norms[0] <= norms[1] <= norms[2]
     for job_id in scenario.ok_ids:
         run = scenario.span_for_job("run/fleet.embed", job_id)
         tokenize = [s for s in scenario.spans("fleet.tokenize") if s.parent_span_id == run.span_id]

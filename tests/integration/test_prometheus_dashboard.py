@@ -163,9 +163,9 @@ def test_every_dashboard_panel_returns_data(loaded):
 
 def test_every_alert_fires_in_a_staged_failure(loaded):
     prometheus, workers, db_url = loaded
-    from workers.queue import dlq
-
     import redis
+
+    from workers.queue import dlq
 
     client = redis.Redis.from_url(db_url)
     # Dead letters: a job dead-lettered the way workers do it, after Prometheus saw the list at its size.

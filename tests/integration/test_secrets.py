@@ -22,6 +22,7 @@ from producer import FleetClient, JobFailedError
 from producer.settings import FleetSettings
 from tests.support.fleet_processes import WorkerProcess, fleet_executable
 from tests.support.redis_topology import AuthRedisServer
+from workers.commands.exit_codes import ExitCode
 from workers.process.embedded_redis import free_port, redis_server_binary
 
 pytestmark = pytest.mark.integration
@@ -92,7 +93,8 @@ def test_least_privilege_acl_user_runs_the_whole_path_and_no_secret_is_logged(ac
         # A client with a wrong password: the error names the problem, not the password.
         wrong = _fleet(["health"], acl_redis.url_for("fleet", "not-the-Pw-123"))
         outputs.append(wrong.stdout + wrong.stderr)
-        assert wrong.returncode == 1 and "not-the-Pw-123" not in wrong.stdout + wrong.stderr
+        assert wrong.returncode == ExitCode.CONFIG and "refused the credentials" in wrong.stderr
+        assert "not-the-Pw-123" not in wrong.stdout + wrong.stderr
     finally:
         worker.stop()
     log = worker.log()

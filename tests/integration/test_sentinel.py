@@ -13,7 +13,7 @@ import json
 import os
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 import redis
@@ -30,7 +30,6 @@ from producer.redis_connection import (
 from producer.settings import FleetSettings
 from tests.support.fleet_processes import WorkerProcess
 from tests.support.redis_topology import SentinelTopology
-from workers.process.health import probe
 
 MASTER = "fleet"
 
@@ -92,20 +91,6 @@ def topology():
     topo.stop()
 
 
-def _wait_ready(worker: WorkerProcess, client: redis.Redis, timeout_s: float = 180.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if not worker.alive():
-            raise RuntimeError(f"worker exited:\n{worker.log()[-4000:]}")
-        try:
-            if probe(client, worker=worker.name)[0]:
-                return
-        except redis.RedisError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"worker not ready:\n{worker.log()[-4000:]}")
-
-
 class SteadySubmitter(threading.Thread):
     """Submits one embed job every ``period_s`` seconds and records what each submission did."""
 
@@ -144,7 +129,7 @@ def test_failover_under_load_resumes_within_30_s_and_loses_only_unreplicated_job
     worker = WorkerProcess(topology.url, "--device", "cpu", "--models", "minilm",
                            name=f"sentinel-{os.getpid()}", env=env)
     try:
-        _wait_ready(worker, keys_client)
+        worker.wait_ready()
         with FleetClient(settings=settings) as client:
             assert client.embed(["warm up"]).result(timeout=60).dim == 384
             submitter = SteadySubmitter(client, period_s=0.05)  # 20 jobs/s
@@ -199,7 +184,7 @@ def test_failover_under_load_resumes_within_30_s_and_loses_only_unreplicated_job
 def _ts(stamp: str) -> float:
     parsed = datetime.fromisoformat(stamp)
     if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=timezone.utc)
+        parsed = parsed.replace(tzinfo=UTC)
     return parsed.timestamp()
 
 

@@ -51,7 +51,7 @@ def run_clean(body: str) -> dict:
     completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO_ROOT,
                                timeout=120)
     assert completed.returncode == 0, completed.stdout + completed.stderr
-    line = next(l for l in completed.stdout.splitlines() if l.startswith("REPORT "))
+    line = next(out for out in completed.stdout.splitlines() if out.startswith("REPORT "))
     return json.loads(line.removeprefix("REPORT "))
 
 
@@ -85,7 +85,8 @@ def test_worker_without_endpoint_installs_nothing_and_connects_nowhere():
         from workers.serving.batching import BatchInfo
         handle = telemetry.setup_worker("cpu", models={"minilm": "embed"}, device_name="CPU", ready=lambda: True)
         assert handle.signals is None and not base.installed()
-        with telemetry.BatchScope("cpu")("minilm", BatchInfo((time.monotonic(),), contexts=(telemetry.current_span(),))) as span:
+        info = BatchInfo((time.monotonic(),), contexts=(telemetry.current_span(),))
+        with telemetry.BatchScope("cpu")("minilm", info) as span:
             telemetry.record_embedding_norms(span, None)  # not recording: the tensor is never touched
         handle.shutdown()
     """)

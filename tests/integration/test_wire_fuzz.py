@@ -1,6 +1,7 @@
 """Wire fuzzing: hypothesis-made messages against real workers, at two levels.
 
-1. Celery-framed messages, sent with a plain Celery ``send_task`` (below). The worker is the session's ``fleet worker --device cpu --models minilm`` (tests/conftest.py), started as
+1. Celery-framed messages, sent with a plain Celery ``send_task`` (below). The worker is the session's
+``fleet worker --device cpu --models minilm`` (tests/conftest.py), started as
 a user starts it; messages go to its queue with the task names of docs/PROTOCOL.md, bypassing every
 client-side check: malformed arguments and keyword arguments, wrong types, missing and unknown fields,
 long strings (bounded), odd protocol versions, bad headers and priorities. Each message must end in a
@@ -26,7 +27,7 @@ import subprocess
 import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -68,7 +69,7 @@ REQUEST_FOR_TASK = {TASK_EMBED: EmbedRequest, TASK_CLASSIFY: ClassifyRequest, TA
 FINAL_STATES = ("SUCCESS", "FAILURE", "REVOKED")
 RESULT_TIMEOUT_S = 30.0
 
-NOW = datetime.now(timezone.utc)
+NOW = datetime.now(UTC)
 PAST = (NOW - timedelta(days=1)).isoformat()
 FUTURE = (NOW + timedelta(days=365)).isoformat()
 FUTURE_NAIVE = (NOW + timedelta(days=365)).replace(tzinfo=None).isoformat()

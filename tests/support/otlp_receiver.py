@@ -20,10 +20,11 @@ import socket
 import threading
 import time
 import zlib
+from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable
+from typing import Any
 
 from opentelemetry.proto.collector.logs.v1 import logs_service_pb2
 from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2
@@ -182,7 +183,8 @@ def _decode_logs(store: _Store, request: logs_service_pb2.ExportLogsServiceReque
         store.requests["logs"] = store.requests.get("logs", 0) + 1
 
 
-_HTTP_ROUTES = {
+#: Path -> (request message class, response message class, decoder into the store).
+_HTTP_ROUTES: dict[str, tuple[Any, Any, Callable[[_Store, Any, str], None]]] = {
     "/v1/traces": (trace_service_pb2.ExportTraceServiceRequest, trace_service_pb2.ExportTraceServiceResponse,
                    _decode_traces),
     "/v1/metrics": (metrics_service_pb2.ExportMetricsServiceRequest, metrics_service_pb2.ExportMetricsServiceResponse,
@@ -205,7 +207,7 @@ def _handler_for(store: _Store):
             self.end_headers()
             self.wfile.write(body)
 
-        def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+        def do_POST(self) -> None:
             length = int(self.headers.get("Content-Length") or 0)
             body = self.rfile.read(length)
             route = _HTTP_ROUTES.get(self.path.split("?", 1)[0])
@@ -258,7 +260,7 @@ class OtlpReceiver:
     def grpc_endpoint(self) -> str:
         return f"http://127.0.0.1:{self.grpc_port}"
 
-    def start(self) -> "OtlpReceiver":
+    def start(self) -> OtlpReceiver:
         self._http = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self._store))
         self._http.daemon_threads = True
         self.http_port = self._http.server_address[1]
@@ -269,7 +271,6 @@ class OtlpReceiver:
 
     def _start_grpc(self) -> None:
         import grpc
-
         from opentelemetry.proto.collector.logs.v1 import logs_service_pb2_grpc
         from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2_grpc
         from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
@@ -277,17 +278,17 @@ class OtlpReceiver:
         store = self._store
 
         class Traces(trace_service_pb2_grpc.TraceServiceServicer):
-            def Export(self, request, context):  # noqa: N802 - gRPC's naming
+            def Export(self, request, context):
                 _decode_traces(store, request, "grpc")
                 return trace_service_pb2.ExportTraceServiceResponse()
 
         class Metrics(metrics_service_pb2_grpc.MetricsServiceServicer):
-            def Export(self, request, context):  # noqa: N802
+            def Export(self, request, context):
                 _decode_metrics(store, request, "grpc")
                 return metrics_service_pb2.ExportMetricsServiceResponse()
 
         class Logs(logs_service_pb2_grpc.LogsServiceServicer):
-            def Export(self, request, context):  # noqa: N802
+            def Export(self, request, context):
                 _decode_logs(store, request, "grpc")
                 return logs_service_pb2.ExportLogsServiceResponse()
 
@@ -306,7 +307,7 @@ class OtlpReceiver:
         if self._grpc is not None:
             self._grpc.stop(grace=None)
 
-    def __enter__(self) -> "OtlpReceiver":
+    def __enter__(self) -> OtlpReceiver:
         return self.start()
 
     def __exit__(self, *exc_info: object) -> None:
@@ -330,7 +331,7 @@ class OtlpReceiver:
         with self._store.lock:
             return dict(self._store.requests)
 
-    def wait_for(self, predicate: Callable[["OtlpReceiver"], bool], timeout_s: float = 30.0,
+    def wait_for(self, predicate: Callable[[OtlpReceiver], bool], timeout_s: float = 30.0,
                  interval_s: float = 0.1) -> bool:
         """Poll until ``predicate(self)`` holds; return whether it did within ``timeout_s``."""
         deadline = time.monotonic() + timeout_s

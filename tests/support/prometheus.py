@@ -39,7 +39,7 @@ class PrometheusServer:
         self.log_path = self.directory / "prometheus.log"
         self.process: subprocess.Popen | None = None
 
-    def start(self, timeout_s: float = 60.0) -> "PrometheusServer":
+    def start(self, timeout_s: float = 60.0) -> PrometheusServer:
         binary = prometheus_binary()
         if binary is None:
             raise RuntimeError(f"no prometheus binary: {INSTALL_HINT}")

@@ -109,7 +109,7 @@ class SentinelTopology:
                 client.close()
         return None
 
-    def start(self, timeout_s: float = 60.0) -> "SentinelTopology":
+    def start(self, timeout_s: float = 60.0) -> SentinelTopology:
         self.primary.start()
         self.replica.extra_args += ["--replicaof", "127.0.0.1", str(self.primary.port)]
         self.replica.start()
@@ -150,6 +150,7 @@ class SentinelTopology:
     def kill_primary(self) -> tuple[str, int]:
         """SIGKILL the current primary (as a crash would); return its old address."""
         address = ("127.0.0.1", self.primary.port)
+        assert self.primary.process is not None, "started"
         self.primary.process.kill()
         self.primary.process.wait(10)
         return address

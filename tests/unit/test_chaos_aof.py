@@ -1,4 +1,4 @@
-"""The chaos bench's AOF replay (``bench.chaos.where_lost``): where a lost job was lost, read from
+"""The chaos bench's AOF replay (``bench.chaos.aof.where_lost``): where a lost job was lost, read from
 hand-written append-only files in the layouts of Redis 7 (``appendonlydir/`` + manifest) and
 Redis 6.2 (one ``appendonly.aof``). No Redis, no workers."""
 
@@ -9,8 +9,18 @@ import json
 
 import pytest
 
-from bench.chaos import (IN_DELIVERY, NEVER_ENQUEUED, OTHER, UNKNOWN, ListReplay, classify_loss, iter_resp_commands,
-                         report_failed, split_rdb_preamble, where_lost)
+from bench.chaos.aof import (
+    IN_DELIVERY,
+    NEVER_ENQUEUED,
+    OTHER,
+    UNKNOWN,
+    ListReplay,
+    classify_loss,
+    iter_resp_commands,
+    split_rdb_preamble,
+    where_lost,
+)
+from bench.chaos.run import report_failed
 
 QUEUE = b"fleet.embed.minilm\x06\x163"  # kombu's list for priority 3 of queue fleet.embed.minilm
 RECORDED, IN_DELIVERY_ID, NEVER_PUSHED, RESTORED = (f"{n}0000000-0000-4000-8000-000000000000" for n in "1234")

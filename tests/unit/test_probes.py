@@ -36,7 +36,7 @@ def test_a_working_part_silent_past_its_stall_limit_is_unlive_and_a_paused_one_i
     liveness.tick("consumer")
     clock.now += 59
     assert liveness.check()[0]
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="stall_s must be > 0"):
         liveness.expect("x", 0)
     with pytest.raises(KeyError):
         liveness.tick("never-expected")

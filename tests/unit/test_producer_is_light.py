@@ -13,7 +13,8 @@ def test_importing_producer_loads_no_torch():
 
 
 def test_fleet_health_command_loads_no_torch():
-    code = ("import sys; from workers import cli, health, app, tasks; "
+    code = ("import sys; from workers.commands import cli; from workers.process import health; "
+            "from workers.queue import app, tasks; "
             "sys.exit(1 if 'torch' in sys.modules else 0)")
     completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert completed.returncode == 0, completed.stderr

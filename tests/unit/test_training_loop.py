@@ -30,7 +30,8 @@ def _nothing_trained(store_root: Path) -> bool:
 def test_fp16_on_cpu_is_refused_before_anything_trains(tmp_path: Path) -> None:
     progress: list[TrainProgress] = []
     with pytest.raises(TrainingConfigError, match="fp16 needs a CUDA device"):
-        run_training(_mlp(precision="fp16"), "cpu", LocalDirectoryStore(tmp_path), job_id="j", on_progress=progress.append)
+        run_training(_mlp(precision="fp16"), "cpu", LocalDirectoryStore(tmp_path), job_id="j",
+                     on_progress=progress.append)
     assert progress == [] and _nothing_trained(tmp_path)
 
 

@@ -11,8 +11,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from workers.training import models
-from workers.training.models import load_classifier
 from workers.training.data import DIGIT_LABELS, train_tokenizer
+from workers.training.models import load_classifier
 
 
 @pytest.mark.parametrize(("architecture", "shape"), [("mlp", (5, 64)), ("cnn", (5, 1, 8, 8))])

@@ -13,9 +13,9 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 
 from producer.contract.training import TrainProgress, TrainRequest, TrainResult
 from workers.training.artifacts import LocalDirectoryStore
+from workers.training.data import CORPUS_PATH, load_digits_split
 from workers.training.loop import run_training
 from workers.training.models import load_classifier
-from workers.training.data import CORPUS_PATH, load_digits_split
 
 # One torch thread (conftest.one_thread): the suite shares two CPU cores with other work.
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -55,7 +55,8 @@ def test_a_second_run_with_the_same_seed_is_identical(mlp: TrainResult, store: L
     assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
 
 
-def test_a_cancelled_run_stops_within_one_step_and_resumes_exactly(mlp: TrainResult, store: LocalDirectoryStore) -> None:
+def test_a_cancelled_run_stops_within_one_step_and_resumes_exactly(mlp: TrainResult,
+                                                                   store: LocalDirectoryStore) -> None:
     cancel_after = 137
     requested = {"stop": False}
 

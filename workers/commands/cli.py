@@ -1,221 +1,398 @@
-"""The ``fleet`` command. Each subcommand imports only what it needs (``fleet health`` never loads torch)."""
+"""The ``fleet`` command line, on click (as Celery's own CLI is).
+
+Each subcommand is a small function here that imports what it runs only when it runs, so that
+``fleet health`` never loads torch or Celery. Every option can also come from an environment
+variable: ``FLEET_<COMMAND>_<OPTION>`` (``FLEET_WORKER_DEVICE``, ``FLEET_DLQ_...``), except where
+a setting already has a name (``--registry``: ``FLEET_MODEL_REGISTRY``); ``--help`` shows each
+one. A command returns an ``ExitCode`` (``workers/commands/exit_codes.py``); the errors a user
+can fix end it with one line on stderr and their code (``workers/commands/failures.py``).
+
+Adding a subcommand: decorate a function with ``@<group>.command(...)`` and ``option(...)``, add
+``@needs_redis`` if it talks to Redis (it then fails in under 3 s when Redis is down), call
+``require_extra`` for optional packages, and return an ``ExitCode``; ``models_export`` below is a
+complete example. Put the logic in its own module; keep the command here to options, checks and one call.
+"""
 
 from __future__ import annotations
 
-import argparse
+import functools
+import os
 import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+from click_didyoumean import DYMGroup
+
+from producer.version import DISTRIBUTION, __version__
+from workers.commands.exit_codes import ExitCode
+
+Command = TypeVar("Command", bound=Callable[..., Any])
+
+#: ``click.option`` that shows its environment variable in ``--help``.
+option = functools.partial(click.option, show_envvar=True)
 
 
-def _cmd_worker(args: argparse.Namespace) -> int:
+#: ``ctx.meta`` key (shared by every context of one run): the path of the command that runs.
+COMMAND_PATH = "fleet.command_path"
+
+
+class FleetCommand(click.Command):
+    """A subcommand that records its path (``fleet dlq list``) for the error line."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        ctx.meta[COMMAND_PATH] = ctx.command_path
+        return super().invoke(ctx)
+
+
+class FleetSubgroup(DYMGroup):
+    """A group of subcommands (``fleet dlq``, ``fleet models``): did-you-mean, ``FleetCommand`` members."""
+
+    command_class = FleetCommand
+
+
+class FleetGroup(FleetSubgroup):
+    """The root group: did-you-mean for mistyped commands, and one line instead of a traceback.
+
+    Errors a user can fix become a ``CommandFailure`` (``failures.failure_for``); output to a
+    reader that went away (``fleet dlq list | head``) ends quietly with ``OUTPUT_CLOSED``.
+    """
+
+    group_class = FleetSubgroup
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            try:
+                return super().invoke(ctx)
+            finally:
+                sys.stdout.flush()  # a closed pipe shows here, not as noise at interpreter exit
+        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except BrokenPipeError:
+            # Python's documented recipe: point stdout at /dev/null so the final flush is silent too.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise click.exceptions.Exit(ExitCode.OUTPUT_CLOSED) from None
+        except KeyboardInterrupt:
+            from workers.commands.failures import CommandFailure
+
+            raise CommandFailure(ExitCode.INTERRUPTED, "interrupted", ctx.meta.get(COMMAND_PATH, "fleet")) from None
+        except Exception as exc:
+            from workers.commands.failures import failure_for
+
+            failure = failure_for(exc, ctx.meta.get(COMMAND_PATH, "fleet"))
+            if failure is None:
+                raise
+            raise failure from exc
+
+
+def needs_redis(command: Command) -> Command:
+    """Run ``command`` only if Redis answers (``preflight.require_redis``), else fail at once."""
+
+    @functools.wraps(command)
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        from workers.commands.preflight import require_redis
+
+        require_redis()
+        return command(*args, **kwargs)
+
+    return checked  # type: ignore[return-value]
+
+
+def require_extra(module: str, *, extra: str, purpose: str = "this command") -> None:
+    """Refuse (exit ``CONFIG``, naming the extra to install) if an optional dependency is missing."""
+    from producer.optional import require_extra as import_or_refuse
+
+    import_or_refuse(module, extra=extra, purpose=purpose)
+
+
+@click.group(cls=FleetGroup, context_settings={"auto_envvar_prefix": "FLEET", "help_option_names": ["-h", "--help"],
+                                               "show_default": True, "max_content_width": 100})
+@click.version_option(__version__, "--version", "-V", message=f"%(prog)s %(version)s ({DISTRIBUTION})")
+def cli() -> None:
+    """Fleet: machine-learning jobs on Redis queues, served by one worker per device.
+
+    \b
+    Every command reads REDIS_URL (default redis://127.0.0.1:6379/0; rediss:// for TLS,
+    sentinel://host:26379;... with FLEET_SENTINEL_MASTER). Each option can also be set by the
+    environment variable shown in its --help. Exit codes: README.md, "Exit codes".
+    """
+
+
+@cli.result_callback()
+def exit_with(code: ExitCode | int | None, **_: Any) -> None:
+    """End the process with the code the command returned (None: OK)."""
+    click.get_current_context().exit(int(code or ExitCode.OK))
+
+
+def _names(models: str) -> list[str]:
+    return [name.strip() for name in models.split(",") if name.strip()]
+
+
+@cli.command()
+@option("--device", default="auto", help="auto | cpu | mps | cuda:N")
+@option("--models", default="", show_default=False, help="comma-separated model names from the registry")
+@option("--registry", envvar="FLEET_MODEL_REGISTRY", default=None, show_default="the registry packaged with Fleet",
+        help="model registry TOML")
+@option("--name", default=None, show_default="fleet-<device>@<host>", help="Celery node name")
+@option("--train", is_flag=True, help="also take training jobs (the fleet.training queue)")
+@option("--consumers", type=click.IntRange(1, 64), default=None,
+        show_default="1 on CPU; on a GPU, from the CPU cores per GPU",
+        help="consumer processes (Celery, no torch) feeding the one device process")
+@needs_redis
+def worker(device: str, models: str, registry: str | None, name: str | None, train: bool,
+           consumers: int | None) -> int:
+    """Run one worker process pinned to one device: load the models, then consume their queues.
+
+    \b
+    A worker is a group of processes: one device process that owns the device and the models, and
+    --consumers Celery consumer processes that receive, validate and tokenise jobs and answer them.
+    On SIGTERM it stops taking jobs, lets running ones finish within FLEET_DRAIN_GRACE_S and
+    hands the rest back. Reads REDIS_URL and the worker settings: FLEET_CONCURRENCY,
+    FLEET_TORCH_THREADS, FLEET_DRAIN_GRACE_S, FLEET_MAX_ATTEMPTS, FLEET_VISIBILITY_TIMEOUT_S,
+    FLEET_RESULT_EXPIRES_S, FLEET_SWEEP_INTERVAL_S, FLEET_SWEEP_GRACE_S, FLEET_ARTIFACT_DIR,
+    FLEET_LOG_LEVEL, CUDA_VISIBLE_DEVICES and the OTEL_* telemetry variables. Needs the worker
+    extra (and training for --train on the digits data set, otel for telemetry export).
+    """
+    require_extra("torch", extra="worker")
+    from pathlib import Path
+
     from workers.process.worker_main import WorkerOptions, run_worker
     from workers.settings import WorkerSettings
 
-    overrides = {"model_registry": args.registry} if args.registry else {}
-    models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else []
-    options = WorkerOptions(device=args.device, models=models, name=args.name, train=args.train,
-                            consumers=args.consumers)
-    return run_worker(options, WorkerSettings(**overrides))
+    settings = WorkerSettings(model_registry=Path(registry)) if registry else WorkerSettings()
+    return run_worker(WorkerOptions(device=device, models=_names(models), name=name, train=train,
+                                    consumers=consumers), settings)
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
+@cli.command()
+@option("--devices", default="all", help="all | 0,1 (GPU ids) | cpu | cpu:N")
+@option("--models", default="", show_default=False, help="comma-separated model names every worker serves")
+@option("--registry", envvar="FLEET_MODEL_REGISTRY", default=None, show_default="the registry packaged with Fleet",
+        help="model registry TOML")
+@option("--train", is_flag=True, help="workers also take training jobs")
+@option("--flower", is_flag=True, help="also run the Flower dashboard on 127.0.0.1 (the dashboard extra)")
+@option("--flower-port", type=click.IntRange(1, 65535), default=5555, help="Flower's port")
+@option("--consumers", type=click.IntRange(1, 64), default=None,
+        show_default="1 on CPU; on a GPU, from the CPU cores per GPU", help="consumer processes per worker")
+@needs_redis
+def up(devices: str, models: str, registry: str | None, train: bool, flower: bool, flower_port: int,
+       consumers: int | None) -> int:
+    """Run and supervise one `fleet worker` per device, restarted with back-off if one dies.
+
+    \b
+    SIGINT or SIGTERM stops them all, each draining. Reads REDIS_URL, FLEET_DRAIN_GRACE_S,
+    FLEET_LOG_LEVEL, CUDA_VISIBLE_DEVICES (the GPUs `all` means) and, with --flower,
+    FLOWER_BASIC_AUTH and Flower's other FLOWER_* variables; workers read what
+    `fleet worker` reads. Needs the worker extra (dashboard for --flower).
+    """
+    require_extra("torch", extra="worker")
+    import socket
+
+    from workers.observability.logs import configure_logging
+    from workers.process.supervisor import PlanError, Supervised, Supervisor, plan_workers, visible_gpus
+    from workers.settings import WorkerSettings
+
+    settings = WorkerSettings()
+    configure_logging(settings.log_level)
+    try:
+        plans = plan_workers(devices, visible_gpus(), settings.hostname or socket.gethostname())
+    except PlanError as exc:
+        raise click.BadParameter(str(exc), param_hint="--devices") from None
+    from workers.process.worker_main import default_consumers
+
+    consumers = consumers or default_consumers(plans[0].device, os.cpu_count() or 1, len(plans))
+    children = [Supervised.worker(plan, models, registry, train, consumers) for plan in plans]
+    if flower:
+        require_extra("flower", extra="dashboard", purpose="--flower")
+        from workers.commands import flower as dashboard
+
+        auth_env, how_to_log_in = dashboard.flower_auth_env(dict(os.environ))
+        children.append(Supervised(dashboard.NAME, dashboard.flower_command(flower_port), auth_env))
+        click.echo(f"fleet up: Flower dashboard on http://{dashboard.ADDRESS}:{flower_port} ({how_to_log_in})",
+                   err=True)
+    return Supervisor(children, settings.drain_grace_s).run()
+
+
+@cli.command()
+def demo() -> int:
+    """Run the whole path once on this machine: Redis, a CPU worker, embed, classify and train jobs.
+
+    \b
+    Uses the Redis at REDIS_URL if one answers, else starts an embedded redis-server. Needs the
+    demo extra. Reads REDIS_URL and FLEET_LOG_LEVEL (the worker's, default WARNING).
+    """
+    require_extra("torch", extra="demo")
+    require_extra("rich", extra="demo")
     from workers.commands.demo import run_demo
 
     return run_demo()
 
 
-def _cmd_health(args: argparse.Namespace) -> int:
-    import redis
+@cli.command()
+@option("--worker", default=None, show_default="every worker on this host",
+        help="check this worker (node name, with or without @host)")
+@option("--live", is_flag=True, help="liveness: succeed while the worker heartbeats, even when draining "
+                                     "(without it: readiness)")
+@needs_redis
+def health(worker: str | None, live: bool) -> int:
+    """Probe: exit 0 iff a worker on this host is ready (with --live: alive), else 1.
 
-    from producer.redis_connection import RedisURLError, redis_client
+    \b
+    Prints one line, "ok: ..." or "failed: ...". Reads REDIS_URL and HOSTNAME.
+    """
+    from producer.redis_connection import redis_client
     from producer.settings import FleetSettings
+    from workers.commands.preflight import PING_TIMEOUT_S
     from workers.process.health import probe
 
-    try:
-        client = redis_client(FleetSettings(), patient=False, socket_connect_timeout=2, socket_timeout=2)
-        ok, reason = probe(client, worker=args.worker, live=args.live)
-    except RedisURLError as exc:
-        ok, reason = False, f"bad REDIS_URL: {exc}"
-    except redis.RedisError as exc:
-        ok, reason = False, f"Redis unreachable: {exc}"
-    print(("ok: " if ok else "failed: ") + reason)
-    return 0 if ok else 1
+    client = redis_client(FleetSettings(), patient=False, socket_connect_timeout=PING_TIMEOUT_S,
+                          socket_timeout=PING_TIMEOUT_S)
+    ok, reason = probe(client, worker=worker, live=live)
+    click.echo(("ok: " if ok else "failed: ") + reason)
+    return ExitCode.OK if ok else ExitCode.FAILURE
 
 
-def _cmd_up(args: argparse.Namespace) -> int:
-    import os
-    import socket
+@cli.command()
+@needs_redis
+def status() -> int:
+    """Print the workers (device, models, jobs in flight) and every model's queue depth.
 
-    from workers.observability.logs import configure_logging
-    from workers.settings import WorkerSettings
-    from workers.process.supervisor import PlanError, Supervised, Supervisor, plan_workers, visible_gpus
+    \b
+    Reads REDIS_URL. Needs the cli extra.
+    """
+    require_extra("rich", extra="cli")
+    from workers.commands.status import print_status
 
-    settings = WorkerSettings()
-    configure_logging(settings.log_level)
-    try:
-        plans = plan_workers(args.devices, visible_gpus(), settings.hostname or socket.gethostname())
-    except PlanError as exc:
-        print(f"fleet up: {exc}", file=sys.stderr)
-        return 2
-    from workers.process.worker_main import default_consumers
-
-    consumers = args.consumers or default_consumers(plans[0].device, os.cpu_count() or 1, len(plans))
-    children = [Supervised.worker(plan, args.models, args.registry, args.train, consumers) for plan in plans]
-    if args.flower:
-        from workers.commands import flower
-
-        auth_env, how_to_log_in = flower.flower_auth_env(dict(os.environ))
-        children.append(Supervised(flower.NAME, flower.flower_command(args.flower_port), auth_env))
-        print(f"fleet up: Flower dashboard on http://{flower.ADDRESS}:{args.flower_port} ({how_to_log_in})",
-              file=sys.stderr)
-    return Supervisor(children, settings.drain_grace_s).run()
+    return print_status()
 
 
-def _cmd_models_init_demo(args: argparse.Namespace) -> int:
+@cli.command()
+@click.argument("kind", type=click.Choice(["mlp", "cnn", "causal_lm"]))
+@option("--dataset", default=None, show_default="the kind's", help="digits (mlp, cnn) or corpus (causal_lm)")
+@option("--epochs", type=click.IntRange(min=1), default=None)
+@option("--batch-size", type=click.IntRange(min=1), default=None)
+@option("--lr", type=float, default=None, help="peak learning rate")
+@option("--grad-accum", type=click.IntRange(min=1), default=None, help="micro-batches per optimizer step")
+@option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default=None)
+@option("--seed", type=int, default=None)
+@option("--register-as", default=None, help="serve the finished model under this name")
+@option("--export-onnx", is_flag=True, default=None,
+        help="also export the finished mlp/cnn to ONNX (served with ONNX Runtime if registered)")
+@option("--follow", is_flag=True, help="show live progress and the final metrics")
+@needs_redis
+def train(kind: str, dataset: str | None, follow: bool, **fields: Any) -> int:
+    """Submit a training job (mlp, cnn, causal_lm); with --follow, watch it to the end.
+
+    \b
+    Unset options take the kind's defaults (docs/PROTOCOL.md). Reads REDIS_URL and
+    FLEET_MAX_QUEUE_DEPTH. Needs the cli extra.
+    """
+    require_extra("rich", extra="cli")
+    from workers.commands.train_cli import run_train_command
+
+    return run_train_command(kind, dataset, {name: value for name, value in fields.items() if value is not None},
+                             follow=follow)
+
+
+@cli.group()
+def models() -> None:
+    """Make and manage models."""
+
+
+@models.command("init-demo")
+@option("--dir", "directory", default="var/models", type=click.Path(file_okay=False),
+        help="where to write the models and their registry")
+def models_init_demo(directory: str) -> int:
+    """Write a tiny Llama, a topic classifier on MiniLM and a registry serving them. Needs the worker extra."""
+    require_extra("transformers", extra="worker")
     from pathlib import Path
 
     from workers.observability.logs import configure_logging
     from workers.serving.models.demo_models import init_demo
 
     configure_logging("INFO")
-    registry = init_demo(Path(args.dir))
-    print(f"wrote demo models and {registry}\n"
-          f"serve them with: fleet up --devices cpu:2 --registry {registry} --models minilm,topics,tiny-llama")
-    return 0
+    registry = init_demo(Path(directory))
+    click.echo(f"wrote demo models and {registry}\n"
+               f"serve them with: fleet up --devices cpu:2 --registry {registry} --models minilm,topics,tiny-llama")
+    return ExitCode.OK
 
 
-def _cmd_models_export(args: argparse.Namespace) -> int:
+@models.command("export")
+@click.argument("name")
+@option("--format", "fmt", type=click.Choice(["onnx"]), default="onnx", help="the export format")
+@option("--out", required=True, type=click.Path(file_okay=False), help="the export directory to write (or replace)")
+@option("--quantize", type=click.Choice(["int8"]), default=None, show_default="none",
+        help="int8: dynamic int8 quantization, refused below its agreement bar")
+@option("--registry", envvar="FLEET_MODEL_REGISTRY", default=None, show_default="the registry packaged with Fleet",
+        help="model registry TOML")
+def models_export(name: str, fmt: str, out: str, quantize: str | None, registry: str | None) -> int:
+    """Export NAME (a registry model or one a training job registered) to ONNX, checked against PyTorch.
+
+    \b
+    Writes the graph, its tokenizer files and a manifest; refuses (exit 1, nothing written) a graph
+    whose outputs differ from PyTorch's. Reads REDIS_URL (trained models; skipped if Redis does not
+    answer) and FLEET_MODEL_REGISTRY. Needs the worker and onnx extras.
+    """
+    require_extra("torch", extra="worker")
+    require_extra("onnxruntime", extra="onnx")
     from workers.commands.export_cli import run_export
 
-    return run_export(args.name, args.out, fmt=args.format, quantize=args.quantize, registry_path=args.registry)
+    return run_export(name, out, quantize=quantize, registry_path=registry)
 
 
-def _cmd_dlq(args: argparse.Namespace) -> int:
-    import json
-
-    from producer.redis_connection import redis_client
-    from producer.settings import FleetSettings
-    from workers.queue import dlq
-
-    client = redis_client(FleetSettings())
-    if args.dlq_command == "list":
-        for entry in dlq.list_entries(client):
-            print(f"{entry['job_id']}  {entry['task']:<15} attempts={entry['attempts']}  {entry['reason']}")
-        return 0
-    if args.dlq_command == "purge":
-        print(f"purged {dlq.purge(client)} entries")
-        return 0
-    entry = dlq.get_entry(client, args.job_id)
-    if entry is None:
-        print(f"no dead-letter entry for job {args.job_id}", file=sys.stderr)
-        return 1
-    if args.dlq_command == "show":
-        print(json.dumps(entry, indent=2))
-        return 0
-    from workers.queue.app import app
-
-    try:
-        dlq.retry(client, app, args.job_id)
-    except dlq.NotRetriable as exc:
-        print(exc, file=sys.stderr)
-        return 1
-    print(f"re-sent job {args.job_id} to {entry['queue']}")
-    return 0
+@cli.group()
+def dlq() -> None:
+    """Inspect, retry and purge dead-lettered jobs (the fleet:dlq hash). Each reads REDIS_URL."""
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
-    from workers.commands.train_cli import run_train_command
+@dlq.command("list")
+@needs_redis
+def dlq_list() -> int:
+    """One line per dead-lettered job, oldest first: id, task, attempts, reason."""
+    from workers.commands.dead_letters import list_dead_letters
 
-    return run_train_command(args)
-
-
-def _cmd_status(args: argparse.Namespace) -> int:
-    from workers.commands.status import print_status
-
-    return print_status()
+    return list_dead_letters()
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from workers.commands import flower as flower_defaults  # constants only: imports neither Celery nor Flower
+@dlq.command("show")
+@click.argument("job_id")
+@needs_redis
+def dlq_show(job_id: str) -> int:
+    """Print one entry as JSON (exit 1 if there is none)."""
+    from workers.commands.dead_letters import show_dead_letter
 
-    parser = argparse.ArgumentParser(prog="fleet", description="Fleet: ML jobs on a Redis queue.")
-    commands = parser.add_subparsers(dest="command", required=True)
+    return show_dead_letter(job_id)
 
-    worker = commands.add_parser("worker", help="run one worker process pinned to one device")
-    worker.add_argument("--device", default="auto", help="auto | cpu | mps | cuda:N (default auto)")
-    worker.add_argument("--models", default="", help="comma-separated model names from the registry")
-    worker.add_argument("--registry", default=None, help="model registry TOML (default $FLEET_MODEL_REGISTRY)")
-    worker.add_argument("--name", default=None, help="worker node name (default fleet-<device>@<host>)")
-    worker.add_argument("--train", action="store_true", help="also take training jobs")
-    worker.add_argument("--consumers", type=int, default=None,
-                        help="consumer processes feeding the device process (default: 1 on CPU, from the cores per GPU)")
-    worker.set_defaults(func=_cmd_worker)
 
-    demo = commands.add_parser("demo", help="run the whole path once on this machine")
-    demo.set_defaults(func=_cmd_demo)
+@dlq.command("retry")
+@click.argument("job_id")
+@needs_redis
+def dlq_retry(job_id: str) -> int:
+    """Send the job again under its own id (exit 1 if there is no entry)."""
+    from workers.commands.dead_letters import retry_dead_letter
 
-    health = commands.add_parser("health", help="exit 0 iff the worker on this host is ready")
-    health.add_argument("--worker", default=None, help="check this worker name instead of this host's")
-    health.add_argument("--live", action="store_true",
-                        help="liveness: succeed while the worker heartbeats, even when draining (default: readiness)")
-    health.set_defaults(func=_cmd_health)
+    return retry_dead_letter(job_id)
 
-    up = commands.add_parser("up", help="run and supervise one worker process per device")
-    up.add_argument("--devices", default="all", help="all | 0,1 (GPU ids) | cpu | cpu:N (default all)")
-    up.add_argument("--models", default="", help="comma-separated model names every worker serves")
-    up.add_argument("--registry", default=None, help="model registry TOML (default $FLEET_MODEL_REGISTRY)")
-    up.add_argument("--train", action="store_true", help="workers also take training jobs")
-    up.add_argument("--consumers", type=int, default=None,
-                    help="consumer processes per worker (default: 1 on CPU, from the cores per GPU)")
-    up.add_argument("--flower", action="store_true", help="also run the Flower dashboard (on 127.0.0.1)")
-    up.add_argument("--flower-port", type=int, default=flower_defaults.DEFAULT_PORT,
-                    help=f"Flower's port (default {flower_defaults.DEFAULT_PORT})")
-    up.set_defaults(func=_cmd_up)
 
-    models = commands.add_parser("models", help="manage models")
-    model_commands = models.add_subparsers(dest="models_command", required=True)
-    init_demo = model_commands.add_parser("init-demo", help="write a tiny Llama, a topic classifier and a registry")
-    init_demo.add_argument("--dir", default="var/models", help="where to write them (default var/models)")
-    init_demo.set_defaults(func=_cmd_models_init_demo)
-    export = model_commands.add_parser("export", help="export a model to ONNX, checked against PyTorch")
-    export.add_argument("name", help="a model of the registry, or one a training job registered")
-    export.add_argument("--format", choices=["onnx"], default="onnx", help="onnx (the only format)")
-    export.add_argument("--out", required=True, help="the export directory to write (or replace)")
-    export.add_argument("--quantize", choices=["int8"], default=None, help="int8: dynamic int8 quantization")
-    export.add_argument("--registry", default=None, help="model registry TOML (default $FLEET_MODEL_REGISTRY)")
-    export.set_defaults(func=_cmd_models_export)
+@dlq.command("purge")
+@needs_redis
+def dlq_purge() -> int:
+    """Delete every entry."""
+    from workers.commands.dead_letters import purge_dead_letters
 
-    dead = commands.add_parser("dlq", help="inspect and retry dead-lettered jobs")
-    dead_commands = dead.add_subparsers(dest="dlq_command", required=True)
-    dead_commands.add_parser("list", help="one line per dead job").set_defaults(func=_cmd_dlq)
-    dead_commands.add_parser("purge", help="delete every entry").set_defaults(func=_cmd_dlq)
-    for name, text in (("show", "print one entry as JSON"), ("retry", "send the job again under its id")):
-        command = dead_commands.add_parser(name, help=text)
-        command.add_argument("job_id")
-        command.set_defaults(func=_cmd_dlq)
-
-    train = commands.add_parser("train", help="submit a training job (mlp, cnn, causal_lm)")
-    train.add_argument("kind", choices=["mlp", "cnn", "causal_lm"])
-    train.add_argument("--dataset", default=None, help="digits (mlp, cnn) or corpus (causal_lm)")
-    train.add_argument("--epochs", type=int, default=None)
-    train.add_argument("--batch-size", type=int, default=None)
-    train.add_argument("--lr", type=float, default=None, help="peak learning rate")
-    train.add_argument("--grad-accum", type=int, default=None, help="micro-batches per optimizer step")
-    train.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None)
-    train.add_argument("--seed", type=int, default=None)
-    train.add_argument("--register-as", default=None, help="serve the finished model under this name")
-    train.add_argument("--export-onnx", action="store_true", default=None,
-                       help="also export the finished mlp/cnn to ONNX (served with ONNX Runtime if registered)")
-    train.add_argument("--follow", action="store_true", help="show live progress and the final metrics")
-    train.set_defaults(func=_cmd_train)
-
-    status = commands.add_parser("status", help="print workers, devices, models and queue depths")
-    status.set_defaults(func=_cmd_status)
-    return parser
+    return purge_dead_letters()
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    """Run ``fleet ARGV`` (default: ``sys.argv[1:]``); return the exit code."""
+    try:
+        cli.main(args=argv, prog_name="fleet")
+    except SystemExit as done:
+        if done.code is None or isinstance(done.code, int):
+            return done.code or ExitCode.OK
+        click.echo(done.code, err=True)  # sys.exit("message"), as the interpreter would print it
+        return ExitCode.FAILURE
+    return ExitCode.OK
 
 
 if __name__ == "__main__":

@@ -11,22 +11,20 @@ held-out accuracy). Then it shuts everything down.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
-import sys
 import time
 from contextlib import ExitStack
 from pathlib import Path
+from typing import cast
 
-import redis
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from producer import FleetClient
+from producer import EmbedResult, FleetClient, TrainResult
 from producer.settings import FleetSettings
 from workers.process.embedded_redis import RedisServer, redis_answers
-from workers.process.health import probe
+from workers.process.launch import LaunchedWorker, fleet_command
 
 SENTENCES = [
     "A man is playing a guitar on stage.",
@@ -48,6 +46,8 @@ TOPIC_SENTENCES = [
 WORKER_START_TIMEOUT_S = 180.0
 #: Where the demo models are written once and reused (git-ignored).
 DEMO_MODELS = Path("var/demo-models")
+#: The demo worker's log.
+WORKER_LOG = DEMO_MODELS / "worker.log"
 #: How often the demo looks at the training job's progress (s).
 PROGRESS_POLL_S = 0.25
 
@@ -57,47 +57,19 @@ def demo_registry(console: Console) -> Path:
     registry = DEMO_MODELS / "registry.toml"
     if not registry.exists():
         with console.status("writing the demo models once (a topic classifier on MiniLM, a tiny Llama) ..."):
-            done = subprocess.run([sys.executable, "-m", "workers.commands.cli", "models", "init-demo", "--dir", str(DEMO_MODELS)],
+            done = subprocess.run([*fleet_command(), "models", "init-demo", "--dir", str(DEMO_MODELS)],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"fleet models init-demo failed:\n{done.stderr[-3000:]}")
     return registry
 
 
-def start_worker(redis_url: str, name: str, registry: Path) -> subprocess.Popen:
-    """Start ``fleet worker --device cpu --models minilm,topics --train`` as a child process."""
-    env = {**os.environ, "REDIS_URL": redis_url, "FLEET_LOG_LEVEL": os.environ.get("FLEET_LOG_LEVEL", "WARNING"),
+def start_worker(redis_url: str, name: str, registry: Path) -> LaunchedWorker:
+    """Start ``fleet worker --device cpu --models minilm,topics --train``; its log goes to ``WORKER_LOG``."""
+    env = {"FLEET_LOG_LEVEL": os.environ.get("FLEET_LOG_LEVEL", "WARNING"),
            "FLEET_ARTIFACT_DIR": str(DEMO_MODELS / "artifacts")}
-    command = [sys.executable, "-m", "workers.commands.cli", "worker", "--device", "cpu", "--registry", str(registry),
-               "--models", "minilm,topics", "--train", "--name", name]
-    return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-
-
-def wait_until_ready(redis_url: str, name: str, worker: subprocess.Popen, console: Console) -> None:
-    """Block until the worker's heartbeat says ready; raise if it exits or takes too long."""
-    client = redis.Redis.from_url(redis_url)
-    deadline = time.monotonic() + WORKER_START_TIMEOUT_S
-    with console.status("starting a CPU worker and loading all-MiniLM-L6-v2 and the topic classifier ..."):
-        while time.monotonic() < deadline:
-            if worker.poll() is not None:
-                raise RuntimeError(f"worker exited with code {worker.returncode}:\n{worker.stderr.read()[-3000:]}")
-            ok, reason = probe(client, worker=name)
-            if ok:
-                console.print(f"[green]worker ready[/green]: {reason}")
-                return
-            time.sleep(0.2)
-    raise RuntimeError(f"worker not ready after {WORKER_START_TIMEOUT_S:.0f} s")
-
-
-def stop_worker(worker: subprocess.Popen) -> None:
-    """SIGTERM (graceful drain), then SIGKILL if it does not exit in time."""
-    if worker.poll() is None:
-        worker.send_signal(signal.SIGTERM)
-        try:
-            worker.wait(30)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-            worker.wait()
+    return LaunchedWorker(redis_url, "--device", "cpu", "--registry", str(registry), "--models", "minilm,topics",
+                          "--train", name=name, env=env, log_path=WORKER_LOG)
 
 
 def similarity_table(vectors: list[list[float]]) -> Table:
@@ -136,7 +108,7 @@ def show_training(client: FleetClient, console: Console) -> None:
                           f"{progress.samples_per_s:.0f} samples/s")
             last_epoch = progress.epoch
         time.sleep(PROGRESS_POLL_S)
-    result = handle.result(timeout=10)
+    result = cast(TrainResult, handle.result(timeout=10))
     console.print(f"trained in {result.metrics['train_seconds']:.1f} s on {result.device}: held-out accuracy "
                   f"{result.metrics['accuracy']:.4f} ({result.steps} optimizer steps; held-out loss "
                   f"{result.metrics['val_loss_start']:.2f} -> {result.metrics['val_loss']:.3f})")
@@ -157,8 +129,10 @@ def run_demo() -> int:
         registry = demo_registry(console)
         name = f"fleet-demo-{os.getpid()}"
         worker = start_worker(redis_url, name, registry)
-        stack.callback(stop_worker, worker)
-        wait_until_ready(redis_url, name, worker, console)
+        stack.callback(worker.stop, timeout_s=30)
+        with console.status("starting a CPU worker and loading all-MiniLM-L6-v2 and the topic classifier ..."):
+            worker.wait_ready(WORKER_START_TIMEOUT_S)
+        console.print(f"[green]worker ready[/green]: {name} (log: {WORKER_LOG})")
 
         client = stack.enter_context(FleetClient(redis_url))
         started = time.perf_counter()
@@ -168,8 +142,8 @@ def run_demo() -> int:
         with Progress(*columns, console=console) as progress:
             task = progress.add_task("jobs", total=len(handles))
             for handle in handles:
-                result = handle.result(timeout=60)
-                vectors.append(result.vectors[0])
+                result = cast(EmbedResult, handle.result(timeout=60))
+                vectors.append(result.float_vectors()[0])
                 progress.advance(task)
         elapsed = time.perf_counter() - started
         console.print(f"{len(handles)} jobs done in {elapsed * 1000:.0f} ms on {result.device}: "
@@ -177,5 +151,6 @@ def run_demo() -> int:
         console.print(similarity_table(vectors))
         console.print(topics_table(client.classify(TOPIC_SENTENCES, model="topics", top_k=2).result(timeout=60)))
         show_training(client, console)
-        console.print("shutting down the worker" + (" and the embedded Redis" if redis_url != FleetSettings().redis_url else ""))
+        embedded = redis_url != FleetSettings().redis_url
+        console.print("shutting down the worker" + (" and the embedded Redis" if embedded else ""))
     return 0

@@ -5,17 +5,18 @@
 registered in Redis (``REDIS_URL``; skipped with a note if Redis does not answer). The export is
 checked against PyTorch before anything is written (``workers.serving.onnx_export``).
 
-Exit status: 0 written; 1 refused because the graph's outputs differ from PyTorch's (nothing
-written); 2 nothing to export (unknown name, a model Fleet does not export, an output directory
-that is not an earlier export, the ``onnx`` extra not installed).
+Exit status (``workers/commands/exit_codes.py``): ``OK`` written; ``FAILURE`` refused because the
+graph's outputs differ from PyTorch's (nothing written); ``REFUSED`` nothing to export (unknown
+name, a model Fleet does not export, an output directory that is not an earlier export).
 """
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-FORMATS = ("onnx",)
+import click
+
+from workers.commands.exit_codes import ExitCode
 
 
 def _registry(registry_path: str | None):
@@ -37,39 +38,35 @@ def _registry(registry_path: str | None):
     return with_trained_models(registry, trained), None
 
 
-def run_export(name: str, out: str, *, fmt: str = "onnx", quantize: str | None = None,
-               registry_path: str | None = None) -> int:
-    """Export model ``name`` into ``out``; print what was written or why not; return the exit status."""
+def run_export(name: str, out: str, *, quantize: str | None = None, registry_path: str | None = None) -> ExitCode:
+    """Export model ``name`` to ONNX into ``out``; print what was written or why not; return the exit status."""
     from workers.observability.logs import configure_logging
     from workers.serving.registry import RegistryError, select
 
     configure_logging("WARNING")  # the exporter's libraries log a line per graph rewrite at INFO
-    if fmt not in FORMATS:
-        print(f"fleet models export: format {fmt!r} is not one of {', '.join(FORMATS)}", file=sys.stderr)
-        return 2
     note = None
     try:
         registry, note = _registry(registry_path)
         [spec] = select(registry, [name])
     except RegistryError as exc:
-        print(f"fleet models export: {exc}" + (f"; {note}" if note else ""), file=sys.stderr)
-        return 2
+        click.echo(f"fleet models export: {exc}" + (f"; {note}" if note else ""), err=True)
+        return ExitCode.REFUSED
 
     from workers.serving.onnx_export import NotExportable, OutputMismatch, export_model
 
     try:
         manifest = export_model(spec, Path(out), quantize=quantize)
     except (NotExportable, RegistryError) as exc:
-        print(f"fleet models export: {exc}", file=sys.stderr)
-        return 2
+        click.echo(f"fleet models export: {exc}", err=True)
+        return ExitCode.REFUSED
     except OutputMismatch as exc:
-        print(f"fleet models export: refused: {exc}", file=sys.stderr)
-        return 1
+        click.echo(f"fleet models export: refused: {exc}", err=True)
+        return ExitCode.FAILURE
     directory = Path(out).resolve()
-    print(f"exported {name} ({manifest.kind.value}, {manifest.precision}, opset {manifest.opset}) to {directory}")
+    click.echo(f"exported {name} ({manifest.kind.value}, {manifest.precision}, opset {manifest.opset}) to {directory}")
     for agreement in manifest.agreement:
-        print(f"  {agreement.metric} against {agreement.against} over {agreement.samples} inputs: "
+        click.echo(f"  {agreement.metric} against {agreement.against} over {agreement.samples} inputs: "
               f"worst {agreement.worst:.6g}, mean {agreement.mean:.6g}")
-    print(f"serve it with ONNX Runtime: add to your registry\n\n[models.{name}-onnx]\n"
+    click.echo(f"serve it with ONNX Runtime: add to your registry\n\n[models.{name}-onnx]\n"
           f"kind = \"{manifest.kind.value}\"\nsource = \"dir:{directory}\"\nbackend = \"onnxruntime\"")
-    return 0
+    return ExitCode.OK

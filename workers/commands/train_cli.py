@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import argparse
 import time
+from typing import Any, cast
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from producer import FleetClient, FleetError
+from producer import FleetClient, FleetError, TrainResult
+from workers.commands.exit_codes import ExitCode
 
 #: ``fleet train`` option -> TrainRequest field.
 FIELDS = {"epochs": "epochs", "batch_size": "batch_size", "lr": "learning_rate", "grad_accum": "grad_accum_steps",
@@ -18,19 +19,19 @@ FIELDS = {"epochs": "epochs", "batch_size": "batch_size", "lr": "learning_rate",
 POLL_S = 0.5
 
 
-def run_train_command(args: argparse.Namespace) -> int:
-    """Submit; with ``--follow`` show a progress bar from the job's PROGRESS reports and the final metrics."""
+def run_train_command(kind: str, dataset: str | None, options: dict[str, Any], *, follow: bool) -> ExitCode:
+    """Submit; with ``follow`` show a progress bar from the job's PROGRESS reports and the final metrics.
+
+    ``options`` maps ``fleet train`` option names (``FIELDS``) to the values given. A refused
+    request raises (the CLI reports it, exit ``REFUSED``); a job that fails returns ``FAILURE``.
+    """
     console = Console()
-    fields = {field: getattr(args, option) for option, field in FIELDS.items() if getattr(args, option) is not None}
+    fields = {FIELDS[option]: value for option, value in options.items()}
     with FleetClient() as client:
-        try:
-            handle = client.train(args.kind, args.dataset, **fields)
-        except FleetError as exc:
-            console.print(f"[red]refused:[/red] {exc}")
-            return 2
+        handle = client.train(kind, dataset, **fields)
         console.print(f"submitted training job {handle.id}")
-        if not args.follow:
-            return 0
+        if not follow:
+            return ExitCode.OK
         columns = (TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeRemainingColumn(),
                    TextColumn("{task.fields[detail]}"))
         with Progress(*columns, console=console) as bar:
@@ -51,10 +52,10 @@ def run_train_command(args: argparse.Namespace) -> int:
                                       f"{progress.samples_per_s:.0f} samples/s")
                 time.sleep(POLL_S)
             try:
-                result = handle.result(timeout=10)
+                result = cast(TrainResult, handle.result(timeout=10))
             except FleetError as exc:
                 console.print(f"[red]training job failed:[/red] {exc}")
-                return 1
+                return ExitCode.FAILURE
             bar.update(task, completed=result.steps, total=result.steps, description="done")
     table = Table(title=f"{result.kind.value} on {result.dataset} ({result.device})")
     table.add_column("metric")
@@ -66,4 +67,4 @@ def run_train_command(args: argparse.Namespace) -> int:
     if result.onnx_artifact:
         table.add_row("onnx export", result.onnx_artifact)
     console.print(table)
-    return 0
+    return ExitCode.OK

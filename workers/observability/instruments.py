@@ -20,7 +20,8 @@ installs one they record. Units follow UCUM (``s``, ``By``, ``{job}``); fraction
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 #: Seconds-valued histograms: from a millisecond forward pass to an hour in the queue.
 SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,

@@ -27,9 +27,10 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 from opentelemetry import trace
 
@@ -248,7 +249,7 @@ class JobSignals:
             return
         try:
             self._started(task_id, task, args)
-        except Exception:  # noqa: BLE001 - telemetry must never fail a job
+        except Exception:
             log.debug("telemetry prerun failed", exc_info=True)
 
     def _started(self, task_id: str, task: Any, args: Sequence[Any] | None) -> None:
@@ -281,7 +282,7 @@ class JobSignals:
             return
         try:
             self._finished(task_id, retval, state)
-        except Exception:  # noqa: BLE001
+        except Exception:
             log.debug("telemetry postrun failed", exc_info=True)
 
     def _finished(self, task_id: str, retval: Any, celery_state: str | None) -> None:
@@ -448,7 +449,7 @@ def setup_device(device: str, *, models: dict[str, str], device_name: str | None
     try:
         if base.setup(default_service_name, resource_attributes=worker_resource(device, device_name, models)):
             register_observers(device, models)
-    except Exception:  # noqa: BLE001 - telemetry must never stop a worker from serving
+    except Exception:
         log.exception("telemetry setup failed; the device process runs without it")
     return WorkerTelemetry()
 
@@ -482,7 +483,7 @@ def setup_worker(device: str, *, models: dict[str, str] | None = None, device_na
         signals = JobSignals(device, models)
         signals.connect(base.instrument_celery)
         register_observers(device, models, redis_client=redis_client, ready=ready)
-    except Exception:  # noqa: BLE001 - telemetry must never stop a worker from serving
+    except Exception:
         log.exception("telemetry setup failed; the worker runs without it")
         return WorkerTelemetry()
     return WorkerTelemetry(signals)

@@ -119,7 +119,8 @@ def consumer_main(config: ConsumerConfig, cards_pipe: Any) -> None:
     if config.run_sweeper and settings.sweep_interval_s:
         from workers.queue.delivery_sweeper import DeliverySweeper, resend_from_record
 
-        sweeper = DeliverySweeper(redis_client(settings), lambda job_id, record: resend_from_record(app, job_id, record),
+        sweeper = DeliverySweeper(redis_client(settings),
+                                  lambda job_id, record: resend_from_record(app, job_id, record),
                                   owner=config.worker_name, interval_s=settings.sweep_interval_s,
                                   grace_s=settings.sweep_grace_s).start()
 

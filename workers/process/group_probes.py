@@ -22,7 +22,8 @@ from __future__ import annotations
 import logging
 import time
 import urllib.request
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from workers.process.status_board import State, StatusBoard
 

@@ -12,11 +12,13 @@ import logging
 import os
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import redis
 
 from producer import keys
+from producer.redis_connection import text
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +37,7 @@ class Heartbeat:
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="heartbeat", daemon=True)
 
-    def start(self) -> "Heartbeat":
+    def start(self) -> Heartbeat:
         self.beat()
         self._thread.start()
         return self
@@ -68,7 +70,7 @@ class Heartbeat:
 
 def read_heartbeats(redis_client: redis.Redis) -> list[dict[str, Any]]:
     """Every live worker's heartbeat (expired ones are pruned from the worker set)."""
-    names = sorted(name.decode() for name in redis_client.smembers(keys.WORKERS))
+    names = sorted(text(name) for name in redis_client.smembers(keys.WORKERS))
     if not names:
         return []
     bodies = redis_client.mget([keys.worker_heartbeat(name) for name in names])
@@ -101,4 +103,5 @@ def probe(redis_client: redis.Redis, *, worker: str | None = None, host: str | N
     ready = [b for b in mine if b.get("ready")]
     if not ready:
         return False, f"{len(mine)} worker(s) alive but not ready (loading or draining)"
-    return True, ", ".join(f"{b['name']} ready on {b.get('device')} serving {','.join(b.get('models', []))}" for b in ready)
+    return True, ", ".join(f"{b['name']} ready on {b.get('device')} serving {','.join(b.get('models', []))}"
+                           for b in ready)

@@ -25,9 +25,10 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +129,7 @@ class ProbeServer:
             routes["/metrics"] = lambda: (200, "text/plain; version=0.0.4; charset=utf-8", metrics())
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            def do_GET(self) -> None:
                 route = routes.get(self.path.split("?", 1)[0])
                 status, content_type, body = route() if route else (404, "text/plain", b"not found\n")
                 self.send_response(status)
@@ -137,7 +138,7 @@ class ProbeServer:
                 self.end_headers()
                 self.wfile.write(body)
 
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - probes every few seconds
+            def log_message(self, format: str, *args: Any) -> None:
                 return None
 
         self.paths = sorted(routes)
@@ -149,7 +150,7 @@ class ProbeServer:
     def port(self) -> int:
         return self._server.server_address[1]
 
-    def start(self) -> "ProbeServer":
+    def start(self) -> ProbeServer:
         self._thread.start()
         log.info("probes on :%d (%s)", self.port, ", ".join(self.paths))
         return self

@@ -101,7 +101,7 @@ class StatusBoard:
         self.consumers = consumers
 
     @classmethod
-    def create(cls, path: Path, consumers: int) -> "StatusBoard":
+    def create(cls, path: Path, consumers: int) -> StatusBoard:
         """Make a zeroed board for ``consumers`` consumer processes at ``path``."""
         if not 1 <= consumers <= MAX_CONSUMERS:
             raise ValueError(f"consumers must be 1..{MAX_CONSUMERS}, got {consumers}")
@@ -112,7 +112,7 @@ class StatusBoard:
         return cls(Path(path), memory, consumers)
 
     @classmethod
-    def attach(cls, path: Path) -> "StatusBoard":
+    def attach(cls, path: Path) -> StatusBoard:
         """Open the board another process of the group created."""
         memory = _map(Path(path))
         magic, consumers = _HEADER.unpack_from(memory, 0)

@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 log = logging.getLogger("fleet.up")
@@ -40,7 +41,7 @@ class WorkerPlan:
     env: dict[str, str]
 
 
-def visible_gpus(environ: dict[str, str] | None = None) -> list[str]:
+def visible_gpus(environ: Mapping[str, str] | None = None) -> list[str]:
     """GPU ids this process may use, without initialising CUDA.
 
     ``CUDA_VISIBLE_DEVICES`` wins when set; else ``nvidia-smi -L`` is asked; no GPU -> [].
@@ -102,7 +103,7 @@ class Supervised:
 
     @classmethod
     def worker(cls, plan: WorkerPlan, models: str, registry: str | None, train: bool,
-               consumers: int | None = None) -> "Supervised":
+               consumers: int | None = None) -> Supervised:
         """The ``fleet worker`` child for ``plan``, with its pinning environment."""
         return cls(plan.name, worker_command(plan, models, registry, train, consumers), plan.env)
 
@@ -143,6 +144,7 @@ class Supervisor:
                 child.restarts += 1
                 child.start()
             return
+        assert child.process is not None, "started above"
         code = child.process.poll()
         if code is None:
             if now - child.started_at > STABLE_AFTER_S:

@@ -40,6 +40,8 @@ from typing import Any
 import redis
 
 from producer import keys, redis_connection
+from producer.redis_connection import text
+from workers.commands.exit_codes import ExitCode
 from workers.observability.logs import configure_logging
 from workers.process.devices import DeviceError, parse_device, pin_cuda_device
 from workers.process.health import Heartbeat
@@ -49,10 +51,10 @@ from workers.settings import WorkerSettings
 
 log = logging.getLogger("fleet.worker")
 
-EXIT_CONFIG_ERROR = 2
-EXIT_LOAD_ERROR = 3
+EXIT_CONFIG_ERROR = ExitCode.CONFIG
+EXIT_LOAD_ERROR = ExitCode.MODEL_LOAD_FAILED
 #: The device process died; the group stopped so that its supervisor starts it again.
-EXIT_DEVICE_LOST = 4
+EXIT_DEVICE_LOST = ExitCode.DEVICE_LOST
 
 #: How often the launcher looks at its processes (s).
 WATCH_S = 0.2
@@ -135,7 +137,7 @@ def run_worker(options: WorkerOptions, settings: WorkerSettings | None = None) -
     redis_client = redis_connection.redis_client(settings)
     try:
         requested = pin_cuda_device(parse_device(options.device))
-        trained = {name.decode(): raw for name, raw in redis_client.hgetall(keys.TRAINED_MODELS).items()}
+        trained = {text(name): text(raw) for name, raw in redis_client.hgetall(keys.TRAINED_MODELS).items()}
         registry = with_trained_models(load_registry(settings.model_registry), trained)
         specs = select(registry, options.models)
     except (DeviceError, RegistryError) as exc:

@@ -7,12 +7,14 @@ from celery import Celery
 from producer.celery_config import celery_config
 from producer.redis_connection import is_sentinel_url
 from producer.serialization import STRICT_JSON
-from workers.queue import envelope_guard, redis_patches
+from workers.queue import envelope_guard, redis_patches, results, transport
 from workers.queue.results import DEBUG_ERRORS_KEY, result_backend_setting
 from workers.settings import WorkerSettings
 
 redis_patches.install()  # busy workers must ride out Redis restarts and failovers (see the module)
 envelope_guard.install()  # a queue item that is not a kombu message is dead-lettered, not fatal
+transport.check_versions()  # the transport and the result backend subclass private methods
+results.check_versions()
 
 
 def worker_config(settings: WorkerSettings) -> dict:

@@ -13,7 +13,7 @@ group unready, never unlive (workers/process/group_probes.py).
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from celery import bootsteps
 

@@ -27,12 +27,14 @@ import json
 import logging
 import threading
 import time
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any, cast
 
 import redis
 
 from producer import keys
 from producer.queues import priority_lists
+from producer.redis_connection import text
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +94,7 @@ class DeliverySweeper:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def start(self) -> "DeliverySweeper":
+    def start(self) -> DeliverySweeper:
         self._thread = threading.Thread(target=self._run, name="delivery-sweeper", daemon=True)
         self._thread.start()
         return self
@@ -112,7 +114,7 @@ class DeliverySweeper:
         if not self.client.set(keys.SWEEPER_LOCK, self.owner, nx=True, ex=max(1, int(self.interval_s * 0.9))):
             return []
         missing = self.missing_jobs()
-        previous = {member.decode() for member in self.client.smembers(keys.MISSING_JOBS)}
+        previous = {text(member) for member in self.client.smembers(keys.MISSING_JOBS)}
         confirmed = missing & previous
         with self.client.pipeline(transaction=True) as pipe:
             pipe.delete(keys.MISSING_JOBS)
@@ -135,7 +137,7 @@ class DeliverySweeper:
     def missing_jobs(self) -> set[str]:
         """Jobs pending longer than the grace period that are in no queue list and not unacked."""
         cutoff = time.time() - self.grace_s
-        candidates = [member.decode() for member in
+        candidates = [text(cast(bytes, member)) for member in
                       self.client.zrangebyscore(keys.PENDING, "-inf", cutoff, start=0, num=MAX_CANDIDATES)]
         if not candidates:
             return set()
@@ -160,7 +162,7 @@ class DeliverySweeper:
 
     def _record(self, job_id: str) -> dict[str, str] | None:
         raw = self.client.hgetall(keys.job_record(job_id))
-        record = {name.decode(): value.decode() for name, value in raw.items()}
+        record = {text(name): text(value) for name, value in raw.items()}
         if not {"task", "queue", "request"} <= record.keys():
             log.error("job %s looks lost but its record cannot re-send it: %s", job_id, sorted(record))
             self.client.zrem(keys.PENDING, job_id)

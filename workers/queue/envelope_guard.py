@@ -7,14 +7,14 @@ hello``) raises there, inside the worker's event loop: Celery treats that as fat
 exits with every job it was running (their messages come back only after the visibility timeout).
 The item itself is already off the list, so it is lost either way.
 
-``install()`` wraps ``kombu.transport.redis.Channel._brpop_read`` (Sentinel channels inherit it):
-an error there that is not a broker connection error (those keep kombu's reconnect path; see
-``wire_guard.is_connection_error``) means the popped item could not become a message. (An item
-that is a JSON object without ``properties`` raised a ``KeyError``, which kombu counts as a
-connection error: the consumer reconnected, and the item was lost without a trace.) It is logged and written to the dead-letter list
-under a generated ``invalid-<uuid>`` id with reason ``invalid_message`` and the start of the
-item, and the worker goes on consuming. No job can be answered: an item that is not an envelope
-names none. The wrapper refuses to install on a kombu or Celery outside the tested range.
+``install()`` wraps ``kombu.transport.redis.Channel._brpop_read`` (Sentinel channels inherit it): an
+error there that is not a broker connection error (those keep kombu's reconnect path; see
+``wire_guard.is_connection_error``) means the popped item could not become a message. (An item that
+is a JSON object without ``properties`` raised a ``KeyError``, which kombu counts as a connection
+error: the consumer reconnected, and the item was lost without a trace.) It is logged and written to
+the dead-letter list under a generated ``invalid-<uuid>`` id with reason ``invalid_message`` and the
+start of the item, and the worker goes on consuming. No job can be answered: an item that is not an
+envelope names none. The wrapper refuses to install on a kombu or Celery outside the tested range.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def install() -> None:
             return original(self, **options)
         except Empty:
             raise
-        except Exception as exc:  # noqa: BLE001 - the popped item is not a message; it must not end the worker
+        except Exception as exc:
             if is_connection_error(exc, self.connection_errors):
                 raise
             _refuse_item(self, exc)

@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from celery import states
@@ -120,13 +120,13 @@ class JobContext:
         # datetime.fromisoformat refuses ("2030-01", "2030-01-01T24:00").
         deadline = maybe_iso8601(expires) if isinstance(expires, str) else expires
         if deadline.tzinfo is None:  # ISO 8601 without an offset: UTC, as Celery reads it (enable_utc)
-            deadline = deadline.replace(tzinfo=timezone.utc)
+            deadline = deadline.replace(tzinfo=UTC)
         return deadline
 
     def expired(self) -> bool:
         """True if the job's deadline has passed."""
         deadline = self.deadline()
-        return deadline is not None and datetime.now(timezone.utc) >= deadline
+        return deadline is not None and datetime.now(UTC) >= deadline
 
     @property
     def priority(self) -> int:

@@ -1,53 +1,29 @@
-"""Fixes that keep a busy worker correct across a Redis restart or failover.
+"""Fixes to kombu's and Celery's Redis handling that keep a busy worker correct across a Redis
+restart or failover.
 
-Found by ``tests/integration/test_redis_restart.py`` and ``python -m bench.chaos`` with kombu 5.7.0,
-Celery 5.7 and redis-py 8. ``install()`` applies all of them (idempotent); ``workers/queue/app.py``
-calls it, so every worker process (and Flower) has them.
+``install()`` applies them once per process (``workers/queue/app.py`` calls it, so every worker
+and Flower has them) and refuses, with ``UntestedVersionError``, on a celery, kombu or redis-py
+release outside ``producer.version_guard.TESTED_VERSIONS``. Why each fix is needed and the runs
+that showed it: docs/RELIABILITY.md, "Redis restarts" (A to C) and "Sentinel" (D).
 
-A. kombu: the worker dies when Redis drops while jobs are in flight (same code path as
-   celery/kombu#582 and #970). Celery's consumer runs ``connection.collect()`` and then
-   ``connection.close()``. ``collect()`` detaches the transport (``transport.client =
-   None``) even when closing the task channel failed on the dead socket (a pending BRPOP
-   read). ``close()`` then closes that channel again, which hands the in-flight messages
-   back (``QoS.restore_unacked``) through a pool built from ``transport.client``:
-   ``AttributeError: 'NoneType' object has no attribute 'hostname'``. Not a connection
-   error, so Celery calls it unrecoverable and the process exits with its jobs running.
-   An idle worker has nothing to restore, which is why the bug hides from tests that
-   restart Redis between jobs.
+What each one guarantees:
 
-B. kombu: jobs that were running when the connection dropped acknowledge their message on
-   the old, closed channel after the reconnect; the ack fails, the message stays in
-   Redis' ``unacked`` hash and the job runs a second time once the visibility timeout has
-   passed (12 h later by default): wasted work (Celery ignores the second store after a
-   SUCCESS), and one more delivery counted toward the dead-letter limit.
-
-C. Celery: a finished job whose result is stored while Redis is still loading its
-   append-only file after a restart (``BusyLoadingError``, a ``ConnectionError``) or is
-   briefly unreachable, ends in FAILURE with that error although the job succeeded: the
-   result backend's redis-py client has no retry policy for commands, and
-   ``Backend.store_result`` first reads the current state with an unretried GET. The chaos
-   run found 11 of 5,000 jobs failed this way around a Redis restart. The same client
-   serves every Redis call a task makes (attempt counter, cancel flag, streamed pieces).
-
-D. redis-py 8 (Sentinel): a command retried after a connection error reconnects to the
-   address of the master that just died instead of asking the Sentinels again, so with a
-   retry policy it spends its whole budget on the dead master. kombu's Sentinel channels
-   and Celery's Sentinel result backend get ``MasterFollowingConnection``
-   (``producer/redis_connection.py``), which looks the master up on every reconnect.
-
-The fixes:
-
-- A: ``restore_unacked`` on a detached channel restores nothing. Handing the in-flight
-  messages back would be wrong there anyway: their jobs are still running in this process
-  and will acknowledge them; and every delivered message is recorded in Redis' ``unacked``
-  hash (kombu writes it at delivery), from which ``restore_visible`` returns it to its
-  queue after the visibility timeout if this process dies before acknowledging it.
-- B: ``ack``/``reject`` on a detached channel go through a fresh connection cloned from the
-  one the message came on (same URL and transport options, Sentinel included).
-- C: the result backend's client retries connection errors and timeouts (Redis loading its
-  data included) with the backoff of ``producer.redis_connection.patient_retry`` (about
-  10 to 19 s in all) before an error reaches the task; ``workers/queue/app.py`` also sets
-  ``result_backend_always_retry`` so that storing a result outlasts longer outages.
+- A. A worker whose broker connection drops while it holds unacknowledged messages keeps
+  running: ``QoS.restore_unacked`` on a detached channel restores nothing. The jobs are still
+  running in this process and will acknowledge their messages; every delivered message stays
+  recorded in Redis' ``unacked`` hash, from which ``restore_visible`` returns it to its queue
+  after the visibility timeout if this process dies first.
+- B. A job that finishes after a reconnect is acknowledged (or rejected) once, not run again:
+  ``ack``/``reject`` on a detached channel go through a fresh connection cloned from the one
+  the message came on (same URL and transport options, Sentinel included).
+- C. A finished job's result is stored as what it is while Redis loads its data after a restart
+  (``BusyLoadingError``) or is briefly unreachable: the result backend's redis-py client, which
+  also serves every Redis call a task makes, retries connection errors and timeouts with
+  ``producer.redis_connection.patient_retry`` (about 10 to 19 s); ``workers/queue/app.py`` also
+  sets ``result_backend_always_retry`` so that storing a result outlasts longer outages.
+- D. Sentinel: kombu's Sentinel channels and Celery's Sentinel result backend use
+  ``MasterFollowingConnection`` (``producer/redis_connection.py``), which asks the Sentinels for
+  the master on every reconnect.
 
 A graceful shutdown, the drain hand-back in ``workers/process/worker_main.py`` and every ack on a
 live channel take kombu's own code paths unchanged.
@@ -55,6 +31,7 @@ live channel take kombu's own code paths unchanged.
 
 from __future__ import annotations
 
+import functools
 import logging
 
 log = logging.getLogger(__name__)
@@ -75,7 +52,12 @@ def remember_broker(qos) -> None:
 
 
 def install() -> None:
-    """Apply fixes A to D (once per process)."""
+    """Apply fixes A to D (once per process); refuse on a celery, kombu or redis-py release outside
+    ``producer.version_guard.TESTED_VERSIONS``."""
+    from producer.version_guard import require_tested_version
+
+    for distribution in ("celery", "kombu", "redis"):
+        require_tested_version(distribution, "workers.queue.redis_patches")
     _patch_kombu_qos()
     _patch_result_backend_client()
 
@@ -99,8 +81,7 @@ def _patch_result_backend_client() -> None:
             params["connection_class"] = MasterFollowingConnection  # follows a failover on retry
         return original(self, **params)
 
-    _create_client.__doc__ = original.__doc__
-    _create_client.__wrapped__ = original
+    functools.update_wrapper(_create_client, original, assigned=("__doc__",), updated=())  # __doc__, __wrapped__
     backend_cls._create_client = _create_client
     setattr(backend_cls, _INSTALLED_FLAG, True)
 
@@ -167,7 +148,6 @@ def _patch_kombu_qos() -> None:
     for name, function, original in (("append", append, original_append),
                                      ("restore_unacked", restore_unacked, original_restore_unacked),
                                      ("ack", ack, original_ack), ("reject", reject, original_reject)):
-        function.__doc__ = original.__doc__
-        function.__wrapped__ = original
+        functools.update_wrapper(function, original, assigned=("__doc__",), updated=())  # __doc__, __wrapped__
         setattr(qos_cls, name, function)
     setattr(qos_cls, _INSTALLED_FLAG, True)

@@ -20,6 +20,9 @@ changes, and why:
   valid, replaces ``result_expires`` for that job's result.
 * **No worker tracebacks.** Celery stores the worker's traceback, file paths included, beside
   every FAILURE and RETRY; here it is ``null`` unless the worker runs with ``FLEET_DEBUG_ERRORS=1``.
+
+It overrides Celery's private ``_store_result``, so ``check_versions`` refuses a Celery it was not
+written for (``producer.version_guard``); workers/queue/app.py calls it.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from celery.exceptions import BackendStoreError
 from kombu.utils.encoding import bytes_to_str
 
 from producer.redis_connection import is_sentinel_url
+from producer.version_guard import require_tested_version
 from workers.queue.group_commit import GroupCommit
 
 #: Celery configuration key: True stores worker tracebacks with failures (``FLEET_DEBUG_ERRORS``).
@@ -39,6 +43,11 @@ DEBUG_ERRORS_KEY = "fleet_debug_errors"
 #: Message header with a job's own result lifetime in seconds (1 .. 30 days).
 RESULT_TTL_HEADER = "fleet_result_ttl_s"
 MAX_RESULT_TTL_S = 30 * 24 * 3600
+
+
+def check_versions() -> None:
+    """Raise ``UntestedVersionError`` on a Celery release this backend was not written for."""
+    require_tested_version("celery", "Fleet's result backend (workers/queue/results.py)")
 
 
 def first_delivery(request: Any) -> bool:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from celery.exceptions import Ignore, Reject
 from celery.utils.time import maybe_iso8601
@@ -193,12 +194,12 @@ def run_job(task, kind: ModelKind, request_cls: type[BaseModel], args: tuple, kw
         raise Reject("device process lost", requeue=True) from None
     except (JobFailedError, Ignore):
         raise
-    except Exception as exc:  # noqa: BLE001 - any model error fails this job only
+    except Exception as exc:
         code = exc.code if isinstance(exc, inference.ModelFailed) else ErrorCode.MODEL_ERROR.value
         message = str(exc) if isinstance(exc, inference.ModelFailed) else f"{type(exc).__name__}: {exc}"
         log.error("job %s failed in model %s (attempt %d): %s", context.job_id, request.model, attempt, message)
         if attempt < max_attempts:
-            raise task.retry(countdown=min(2 ** attempt, 30), max_retries=None, exc=exc)
+            raise task.retry(countdown=min(2 ** attempt, 30), max_retries=None, exc=exc) from exc
         context.dead_letter(args[0], message, attempt)
         raise JobFailedError(code, message, {"dead_lettered": True, "attempts": attempt}) from None
     finally:

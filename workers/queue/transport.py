@@ -15,7 +15,9 @@ are kombu's own; only how the bookkeeping is written changes:
   delivery tag, in one round trip (workers/queue/group_commit.py).
 
 A channel whose connection was lost (``transport.client`` detached) falls back to kombu's
-own code paths, which workers/queue/redis_patches.py makes safe across a reconnect.
+own code paths, which workers/queue/redis_patches.py makes safe across a reconnect. The
+subclasses override private methods of kombu's QoS, so ``check_versions`` refuses a kombu they
+were not written for (``producer.version_guard``); workers/queue/app.py calls it.
 """
 
 from __future__ import annotations
@@ -26,8 +28,14 @@ from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 from kombu.utils.json import dumps
 
+from producer.version_guard import require_tested_version
 from workers.queue.group_commit import GroupCommit
 from workers.queue.redis_patches import remember_broker
+
+
+def check_versions() -> None:
+    """Raise ``UntestedVersionError`` on a kombu release these subclasses were not written for."""
+    require_tested_version("kombu", "Fleet's Redis transport (workers/queue/transport.py)")
 
 
 def _attached(channel) -> bool:

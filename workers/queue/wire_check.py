@@ -46,7 +46,7 @@ class TaskMessage:
     problem: str | None = None
     details: dict[str, Any] = field(default_factory=dict)
 
-    def refuse(self, problem: str, **details: Any) -> "TaskMessage":
+    def refuse(self, problem: str, **details: Any) -> TaskMessage:
         self.problem, self.details = problem, details
         return self
 

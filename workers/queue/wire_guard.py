@@ -21,55 +21,37 @@ serializer, bad compression) it drops with a log line: no result, so the sender 
 
 It relies on how Celery 5.7 builds its task handler (``Consumer.create_task_handler``) and
 calls ``on_decode_error``, so it refuses to start on a Celery or kombu outside the tested
-range (``TESTED_VERSIONS``).
+range (``producer.version_guard.TESTED_VERSIONS``).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import re
 import uuid
 from typing import Any
 
-import celery
-import kombu
 from celery import states
 from celery.worker.consumer.consumer import Consumer
 
 from producer.contract import TASK_FOR_KIND, TASK_TRAIN, ErrorCode
 from producer.errors import JobFailedError
+from producer.version_guard import require_tested_version
 from workers.queue.dlq import dead_letter
 from workers.queue.wire_check import TaskMessage, excerpt, read_headers, read_task_message
 
 log = logging.getLogger(__name__)
 
-#: Versions this guard was written and tested for: ``(first, first not supported)`` as (major, minor).
-TESTED_VERSIONS = {"celery": ((5, 7), (5, 8)), "kombu": ((5, 7), (5, 8))}
 #: The tasks a Fleet worker runs; a message naming any other task is refused.
 FLEET_TASKS = frozenset({*TASK_FOR_KIND.values(), TASK_TRAIN})
 #: Dead-letter key prefix for a refused message that names no job.
 UNNAMED_PREFIX = "invalid-"
 
 
-class UntestedVersionError(RuntimeError):
-    """Celery or kombu is outside the range ``GuardedConsumer`` was written for."""
-
-
-def require_tested_versions(versions: dict[str, str] | None = None) -> None:
-    """Raise ``UntestedVersionError`` unless every package of ``TESTED_VERSIONS`` is in its range.
-
-    ``versions`` maps package name to version string (default: the installed celery and kombu).
-    """
-    versions = versions or {"celery": celery.__version__, "kombu": kombu.__version__}
-    for package, (first, stop) in TESTED_VERSIONS.items():
-        found = tuple(int(part) for part in re.findall(r"\d+", versions[package])[:2])
-        if not first <= found < stop:
-            raise UntestedVersionError(
-                f"Fleet's message guard (workers/queue/wire_guard.py) was written for {package} "
-                f">={'.'.join(map(str, first))},<{'.'.join(map(str, stop))} and found {package} "
-                f"{versions[package]}: install a tested version, or check the guard against this one and "
-                "widen TESTED_VERSIONS")
+def require_tested_versions() -> None:
+    """Refuse (``UntestedVersionError``) to guard a Celery or kombu this guard was not written for."""
+    for distribution in ("celery", "kombu"):
+        require_tested_version(distribution, "Fleet's message guard (workers/queue/wire_guard.py)")
 
 
 def is_connection_error(exc: Exception, connection_errors: tuple) -> bool:
@@ -100,7 +82,7 @@ class GuardedConsumer(Consumer):
                 return self.refuse(message, read)
             try:
                 return celery_handler(message)
-            except Exception as exc:  # noqa: BLE001 - nothing a message holds may end the consumer
+            except Exception as exc:
                 if is_connection_error(exc, self.connection_errors):
                     raise
                 log.exception("Celery could not take message of job %s", read.job_id)

@@ -28,11 +28,12 @@ import math
 import queue
 import threading
 import time
+from collections.abc import Callable, Sequence
 from collections.abc import Sequence as SequenceABC
 from concurrent.futures import Future
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -407,7 +408,7 @@ class DynamicBatcher:
     def _run_guarded(self, batch: list[_Item], reason: str) -> None:
         try:
             self._run(batch, reason)
-        except Exception as exc:  # noqa: BLE001 - a bug in bookkeeping must not strand callers
+        except Exception as exc:  # a bug in bookkeeping must not strand callers
             log.exception("batcher %s: internal error on a batch of %d", self.name, len(batch))
             for item in batch:
                 _fail(item, exc)
@@ -474,7 +475,7 @@ class DynamicBatcher:
         if self._on_out_of_memory is not None:
             try:
                 self._on_out_of_memory()
-            except Exception:  # noqa: BLE001 - a failing cleanup hook must not stop recovery
+            except Exception:  # a failing cleanup hook must not stop recovery
                 log.exception("batcher %s: on_out_of_memory hook failed", self.name)
 
     def _relax_cap(self, size: int) -> None:

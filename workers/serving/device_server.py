@@ -24,19 +24,20 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import zmq
 
 from producer.contract import ErrorCode, ModelKind
+from workers.observability.telemetry import span_from_traceparent
 from workers.process.status_board import COMPUTING_SLOTS, State, StatusBoard
 from workers.serving import ipc
 from workers.serving.batching import BatcherClosed, DynamicBatcher, is_out_of_memory
-from workers.observability.telemetry import span_from_traceparent
 from workers.serving.registry import ModelSpec, RegistryError, resolve_source
 from workers.settings import WorkerSettings
 
@@ -311,7 +312,7 @@ class DeviceServer:
                 self._reply(identity, ipc.error_reply(rid, ErrorCode.INTERNAL.value, f"unknown op {op!r}"))
         except _RequestError as exc:
             self._reply(identity, ipc.error_reply(rid, exc.code, str(exc), exc.details))
-        except Exception as exc:  # noqa: BLE001 - one bad request must not stop the device process
+        except Exception as exc:
             log.exception("request %r failed", op)
             self._reply(identity, ipc.error_reply(rid, ErrorCode.INTERNAL.value, f"{type(exc).__name__}: {exc}"))
 

@@ -148,7 +148,8 @@ def classify(runtime: ConsumerRuntime, request: ClassifyRequest, context: Any) -
     return {"model": request.model, "device": card.device, "predictions": predictions}
 
 
-def _follow(runtime: ConsumerRuntime, header: dict[str, Any], context: Any, on_event, model: str = "") -> dict[str, Any]:
+def _follow(runtime: ConsumerRuntime, header: dict[str, Any], context: Any, on_event,
+            model: str = "") -> dict[str, Any]:
     """A long job on the device (generation, training): relay its events; pass a cancel on to the device."""
     next_check = time.monotonic() + CANCEL_POLL_S
     cancel_sent = False

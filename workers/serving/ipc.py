@@ -30,7 +30,8 @@ to an abandoned request is recognised and dropped. Nothing here imports torch.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import orjson

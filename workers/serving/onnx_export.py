@@ -37,12 +37,12 @@ import os
 import shutil
 import uuid
 import warnings
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -372,7 +372,7 @@ def _build(exportable: Exportable, staging: Path, quantize: str | None) -> OnnxM
         opset=OPSET, precision=quantize or "fp32", inputs=inputs, outputs=outputs, source=exportable.source,
         parameters=sum(p.numel() for p in exportable.module.parameters()), dim=exportable.dim,
         labels=exportable.labels, max_positions=exportable.max_positions, input_shape=exportable.input_shape,
-        agreement=agreement, versions=_versions(), created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        agreement=agreement, versions=_versions(), created_at=datetime.now(UTC).isoformat(timespec="seconds"))
     write_manifest(manifest, staging)
     return manifest
 

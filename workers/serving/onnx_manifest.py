@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Literal, Union
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -56,7 +56,7 @@ class TensorSpec(BaseModel):
 
     name: str
     dtype: Literal["int64", "float32"]
-    shape: list[Union[int, str]]
+    shape: list[int | str]
 
 
 class Agreement(BaseModel):

@@ -73,7 +73,7 @@ class ModelSpec(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _generation_limits_fit(self) -> "ModelSpec":
+    def _generation_limits_fit(self) -> ModelSpec:
         if self.kind is not ModelKind.GENERATE and (self.max_prompt_tokens or self.kv_cache_tokens):
             raise ValueError("max_prompt_tokens and kv_cache_tokens apply to generate models only")
         if self.kind is ModelKind.GENERATE:
@@ -81,7 +81,7 @@ class ModelSpec(BaseModel):
         return self
 
     @model_validator(mode="after")
-    def _backend_serves_it(self) -> "ModelSpec":
+    def _backend_serves_it(self) -> ModelSpec:
         if self.backend is Backend.ONNXRUNTIME:
             if self.kind is ModelKind.GENERATE:
                 raise ValueError("backend onnxruntime serves embed and classify models, not generate")

@@ -40,7 +40,7 @@ class ModelCard:
     load: dict[str, Any]
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> "ModelCard":
+    def from_dict(cls, raw: dict[str, Any]) -> ModelCard:
         return cls(**{**raw, "kind": ModelKind(raw["kind"])})
 
 
@@ -108,5 +108,6 @@ def install(runtime: ConsumerRuntime) -> None:
 def current() -> ConsumerRuntime:
     """The installed runtime; a task running without one is a deployment error."""
     if _current is None:
-        raise JobFailedError(ErrorCode.INTERNAL.value, "worker runtime not initialised (start workers with `fleet worker`)")
+        raise JobFailedError(ErrorCode.INTERNAL.value,
+                             "worker runtime not initialised (start workers with `fleet worker`)")
     return _current

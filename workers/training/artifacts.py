@@ -16,8 +16,9 @@ import re
 import shutil
 import uuid
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 #: Job ids become directory names: letters, digits, ``_ . -``, starting with a letter or digit.
 JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$"

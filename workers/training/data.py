@@ -1,4 +1,5 @@
-"""Training data that needs no hub: scikit-learn's digits and the fables corpus in this package.
+"""Training data that needs no hub: scikit-learn's digits (the ``training`` extra) and the fables
+corpus in this package.
 
 Every split is a pure function of ``(seed, eval_fraction)``, so a resumed job sees exactly
 the data it saw before the interruption.
@@ -11,10 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
+
+from producer.optional import require_extra
 
 #: The corpus: one fable per paragraph (a title line, then the text on one line),
 #: paragraphs separated by one blank line. Source and licence: corpus/README.md.
@@ -45,6 +46,10 @@ def load_digits_split(seed: int, eval_fraction: float, input_shape: tuple[int, .
 
     ``input_shape`` is ``(64,)`` for flat vectors (MLP) or ``(1, 8, 8)`` for images (CNN).
     """
+    require_extra("sklearn", extra="training", purpose="the digits data set")
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
     digits = load_digits()
     x = torch.tensor(digits.data, dtype=torch.float32) / DIGITS_PIXEL_MAX
     y = torch.tensor(digits.target, dtype=torch.int64)

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -280,8 +281,10 @@ def _adamw(model: torch.nn.Module, request: TrainRequest) -> torch.optim.AdamW:
     kernels only, not to biases, norm scales or other one-dimensional parameters."""
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
+    groups: list[dict[str, Any]] = [{"params": decay, "weight_decay": request.weight_decay},
+                                    {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": request.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        groups,
         lr=request.learning_rate,
         betas=request.betas,
         eps=request.eps,

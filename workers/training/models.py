@@ -9,8 +9,9 @@ Classifiers (``mlp``, ``cnn``) are saved as ``model.safetensors`` plus ``classif
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file

@@ -8,7 +8,6 @@ scaler against underflow and is supported on CUDA only.
 from __future__ import annotations
 
 import contextlib
-from typing import ContextManager
 
 import torch
 
@@ -28,7 +27,7 @@ def check_precision(precision: Precision, device: torch.device) -> None:
         raise TrainingConfigError(f"precision bf16 is not supported on {device.type!r}; use fp32")
 
 
-def autocast(precision: Precision, device: torch.device) -> ContextManager[object]:
+def autocast(precision: Precision, device: torch.device) -> contextlib.AbstractContextManager[object]:
     """The context for a training forward pass in ``precision`` (a no-op for fp32)."""
     if precision is Precision.FP32:
         return contextlib.nullcontext()

@@ -8,8 +8,9 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+import torch.nn.functional as F  # noqa: N812 - PyTorch's conventional name
 from torch import nn
+from transformers import LlamaForCausalLM
 from transformers.utils import logging as hf_logging
 
 from producer.contract.training import TrainKind, TrainRequest
@@ -82,6 +83,8 @@ class LanguageModelWorkload(Workload):
     The tokenizer is trained on the training fables only, so nothing of the held-out
     fables reaches the model.
     """
+
+    model: LlamaForCausalLM
 
     def __init__(self, seed: int, eval_fraction: float, device: torch.device) -> None:
         train_texts, eval_texts = data.split_fables(data.load_fables(), seed, eval_fraction)

@@ -25,7 +25,8 @@ import itertools
 import threading
 import time
 import uuid
-from typing import Any, Callable, Collection
+from collections.abc import Callable, Collection
+from typing import Any
 
 import torch
 
@@ -43,6 +44,8 @@ class EngineClosed(RuntimeError):
 
 
 Ended = list[tuple[Sequence, Finish]]
+#: ``submit``'s default: greedy, 64 new tokens, no stop strings.
+DEFAULT_SAMPLING = Sampling()
 
 
 class GenerationEngine:
@@ -93,7 +96,7 @@ class GenerationEngine:
         ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
         return fit_prompt(ids, self.limits, max_new_tokens, truncate, self._leading_special)
 
-    def submit(self, job_id: str, prompt: str, sampling: Sampling = Sampling(), *,
+    def submit(self, job_id: str, prompt: str, sampling: Sampling = DEFAULT_SAMPLING, *,
                on_piece: Callable[[str], None] | None = None, on_done: Callable[[Outcome], None] | None = None,
                deadline: float | None = None, priority: int = 0, truncate: bool = False) -> SequenceHandle:
         """Queue a sequence; return at once. It waits for a slot behind sequences of lower

@@ -8,8 +8,9 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 from workers.serving.generation.sequence import Outcome
 
@@ -48,7 +49,7 @@ class EngineHooks:
 def call_hook(hook, *args: Any) -> None:
     try:
         hook(*args)
-    except Exception:  # noqa: BLE001 - metrics must never stop generation
+    except Exception:
         log.exception("generation hook %s raised", getattr(hook, "__qualname__", hook))
 
 

@@ -67,7 +67,7 @@ class PaddedKV:
         self.mask = torch.cat([self.mask, self.mask.new_ones(self.rows, 1)], dim=1)
         return self.mask
 
-    def extend(self, other: "PaddedKV") -> None:
+    def extend(self, other: PaddedKV) -> None:
         """Append ``other``'s rows after this batch's rows."""
         width = max(self.width, other.width)
         for layer, joining in zip(self.cache.layers, other.cache.layers):

@@ -4,8 +4,9 @@ shares its batch."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -35,7 +36,7 @@ class Sampling:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
     @classmethod
-    def of(cls, request: Any) -> "Sampling":
+    def of(cls, request: Any) -> Sampling:
         """The decoding choices of a ``GenerateRequest``."""
         return cls(max_new_tokens=request.max_new_tokens, temperature=float(request.temperature),
                    top_p=request.top_p, seed=request.seed, stop=tuple(request.stop))

@@ -6,8 +6,8 @@ import enum
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -144,5 +144,5 @@ class Sequence:
         if piece and self.on_piece is not None:
             try:
                 self.on_piece(piece)
-            except Exception:  # noqa: BLE001 - a caller's callback must not stop the decode loop
+            except Exception:
                 log.exception("on_piece of job %s raised; the piece is lost to that caller", self.job_id)

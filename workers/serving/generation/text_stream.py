@@ -15,7 +15,7 @@ string), so a token costs time proportional to its characters, whatever the stop
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 #: What decoding a run of incomplete UTF-8 bytes yields (``errors="replace"``).
 REPLACEMENT_CHARACTER = "\ufffd"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import resource
+from typing import TypedDict
 
 import torch
 
@@ -16,9 +17,17 @@ def compute_dtype(spec: ModelSpec, device: str) -> torch.dtype:
     return TORCH_DTYPES[spec.dtype] if device.startswith("cuda") else torch.float32
 
 
-def memory_snapshot(device: str) -> dict[str, int]:
+class MemorySnapshot(TypedDict, total=False):
+    """Bytes: peak RSS of this process; on CUDA the allocator's allocated and reserved memory."""
+
+    rss_bytes: int
+    cuda_allocated_bytes: int
+    cuda_reserved_bytes: int
+
+
+def memory_snapshot(device: str) -> MemorySnapshot:
     """Peak RSS of this process and, on CUDA, the allocator's allocated/reserved bytes."""
-    snapshot = {"rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    snapshot = MemorySnapshot(rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     if device.startswith("cuda"):
         snapshot["cuda_allocated_bytes"] = torch.cuda.memory_allocated(device)
         snapshot["cuda_reserved_bytes"] = torch.cuda.memory_reserved(device)

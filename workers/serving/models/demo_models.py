@@ -67,7 +67,8 @@ def write_topic_classifier(directory: Path, steps: int = 300, seed: int = 0) -> 
     labels = sorted(TOPIC_EXAMPLES)
     tokenizer = AutoTokenizer.from_pretrained(source)
     model = BertForSequenceClassification.from_pretrained(
-        source, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)})
+        source, num_labels=len(labels), id2label=dict(enumerate(labels)),
+        label2id={label: i for i, label in enumerate(labels)})
     model.eval()
     texts = [text for label in labels for text in TOPIC_EXAMPLES[label]]
     targets = torch.tensor([labels.index(label) for label in labels for _ in TOPIC_EXAMPLES[label]])

@@ -81,14 +81,14 @@ class GraphReport:
 class _Graph:
     """One captured forward for a fixed (batch, seq) shape: static inputs in, pooled [batch, hidden] out."""
 
-    def __init__(self, graph: "torch.cuda.CUDAGraph", ids: torch.Tensor, mask: torch.Tensor, out: torch.Tensor):
+    def __init__(self, graph: torch.cuda.CUDAGraph, ids: torch.Tensor, mask: torch.Tensor, out: torch.Tensor):
         self.graph, self.ids, self.mask, self.out = graph, ids, mask, out
 
 
 class _Pooled(torch.nn.Module):
     """Encoder plus mean pooling as one module, for tracing: (ids, 0/1 mask) -> float32 [batch, hidden]."""
 
-    def __init__(self, embedder: "Embedder"):
+    def __init__(self, embedder: Embedder):
         super().__init__()
         self.model = embedder.model
 
@@ -155,7 +155,7 @@ class Embedder:
         graph = self._graphs.get((rows, cols)) if rows and cols else None
         with telemetry.forward_span(self.spec.name, "embed", self.device, self.dtype,
                                     (rows or len(id_lists), cols or self.max_seq_len)) as span:
-            if graph is not None:
+            if graph is not None and rows and cols:  # a graph exists only for a (rows, cols) bucket
                 pooled = self._replay(graph, id_lists, rows, cols)
             else:
                 pooled = self._forward_padded(id_lists, rows or len(id_lists), cols or self.max_seq_len)
@@ -180,7 +180,7 @@ class Embedder:
                    ids: np.ndarray | None = None, mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Right-pad into ``[rows, cols]`` int64 arrays. Padding rows (beyond the inputs) get one
         unmasked pad token so that no attention row is empty; their outputs are dropped."""
-        if ids is None:
+        if ids is None or mask is None:
             ids = np.empty((rows, cols), dtype=np.int64)
             mask = np.empty((rows, cols), dtype=np.int64)
         ids.fill(self.pad_id)
@@ -232,6 +232,7 @@ class Embedder:
 
     def _replay(self, graph: _Graph, id_lists: list[list[int]], rows: int, cols: int) -> torch.Tensor:
         size = rows * cols
+        assert self._host_ids is not None and self._host_mask is not None, "allocated with the CUDA graphs"
         host_ids = self._host_ids[:size].view(rows, cols)
         host_mask = self._host_mask[:size].view(rows, cols)
         self._pad_numpy(id_lists, rows, cols, host_ids.numpy(), host_mask.numpy())
@@ -300,6 +301,7 @@ class Embedder:
                  report.captured, self.batch_buckets, self.seq_buckets, report.capture_s)
 
     def _capture(self, rows: int, cols: int, pool) -> _Graph:
+        assert self._device_ids is not None and self._device_mask is not None, "allocated before capture"
         ids = self._device_ids[:rows * cols].view(rows, cols)
         mask = self._device_mask[:rows * cols].view(rows, cols)
         side = torch.cuda.Stream(self.device)

@@ -7,15 +7,21 @@ is Celery's defaults (prefetch 4, early ack, no task events).
 
 It registers Fleet's task name and serves Fleet's queue, taking Fleet's JSON request and
 returning Fleet's JSON result, so the benchmark drives both systems with the same client and
-the same inputs. The forward pass is Fleet's ``Embedder`` without CUDA graphs and without a
-batcher: on CPU exactly Fleet's forward, on CUDA plain eager PyTorch (fp16, SDPA). What is
-compared is the serving path, not two implementations of the model.
+the same inputs. ``BENCH_MODE`` picks what one job does:
+
+* ``eager`` (default): Fleet's ``Embedder`` without CUDA graphs and without a batcher: on CPU
+  exactly Fleet's forward, on CUDA plain eager PyTorch (fp16, SDPA);
+* ``graph``: the same ``Embedder`` with its CUDA graphs on (one graph replay per job on CUDA;
+  on CPU the same as ``eager``): the best one-job-one-forward a team writes by hand;
+* ``noop``: no model at all, a constant vector of the model's width: the Celery hop's own ceiling.
+
+What is compared is the serving path, not two implementations of the model.
 
 Started by ``bench.run`` as::
 
     python -m celery -A bench.baseline_app worker -P solo -Q fleet.embed.<model>
 
-with ``REDIS_URL``, ``BENCH_MODEL``, ``BENCH_DEVICE``, ``BENCH_TORCH_THREADS`` and, for a model
+with ``REDIS_URL``, ``BENCH_MODE``, ``BENCH_MODEL``, ``BENCH_DEVICE``, ``BENCH_TORCH_THREADS`` and, for a model
 outside the default registry, ``FLEET_MODEL_REGISTRY`` in the environment.
 """
 
@@ -38,6 +44,10 @@ app.conf.update(
     broker_connection_retry_on_startup=True, worker_hijack_root_logger=False,
 )
 
+MODE = os.environ.get("BENCH_MODE", "eager")
+#: The no-op job's answer: MiniLM's width (the bench's other model, BERT-base, differs only in size).
+NOOP_DIM = 384
+
 _model = None
 
 
@@ -45,6 +55,8 @@ _model = None
 def _load_model(**_: object) -> None:
     """Load the model once, in the worker process (solo pool: the process that runs the tasks)."""
     global _model
+    if MODE == "noop":
+        return
     import torch
 
     from workers.serving.models.embedder import Embedder
@@ -55,8 +67,8 @@ def _load_model(**_: object) -> None:
     if threads:
         torch.set_num_threads(threads)
     spec = load_registry(WorkerSettings().model_registry)[os.environ.get("BENCH_MODEL", "minilm")]
-    _model = Embedder(spec, os.environ.get("BENCH_DEVICE", "cpu"), cuda_graphs=False)
-    _model.warmup()  # on CPU: the same (traced) forward as Fleet's; on CUDA: eager, no graphs
+    _model = Embedder(spec, os.environ.get("BENCH_DEVICE", "cpu"), cuda_graphs=MODE == "graph")
+    _model.warmup()  # on CPU: the same (traced) forward as Fleet's; on CUDA: eager, or graphs captured
 
 
 @signals.worker_ready.connect
@@ -68,8 +80,10 @@ def _announce(**_: object) -> None:
 
 @app.task(name=TASK_EMBED)
 def embed(request: dict) -> dict:
-    """One job, one forward pass over its texts; returns Fleet's ``EmbedResult`` JSON."""
-    assert _model is not None, "loaded at worker start"
+    """One job, one forward pass over its texts (``noop``: none); returns Fleet's ``EmbedResult`` JSON."""
+    if _model is None:  # BENCH_MODE=noop
+        return {"model": request.get("model", "noop"), "device": "none", "dim": NOOP_DIM,
+                "vectors": [[0.0] * NOOP_DIM for _ in request["texts"]]}
     vectors = _model.embed(list(request["texts"]), bool(request.get("normalize", True)))
     return {"model": request.get("model", _model.spec.name), "device": _model.device, "dim": _model.dim,
             "vectors": vectors}

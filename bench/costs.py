@@ -113,3 +113,32 @@ class ProcessTreeCPU:
             except OSError:
                 pass
         return sizes
+
+
+class PhaseCosts:
+    """Costs of one benchmark phase: ``start()`` before it, ``finish(jobs)`` after it.
+
+    ``worker_pid`` is the system's worker process (its descendants are counted too); the Redis
+    counters are the whole server's, so only one system may run on it during a phase.
+    """
+
+    def __init__(self, redis_url: str, worker_pid: int):
+        self._meter = RedisMeter(redis_url)
+        self._tree = ProcessTreeCPU(worker_pid)
+        self._start: tuple[RedisSnapshot, float] | None = None
+
+    def start(self) -> None:
+        self._start = (self._meter.snapshot(), self._tree.seconds())
+
+    def finish(self, jobs: int) -> dict:
+        """Commands and redis-server CPU per job (``RedisMeter.per_job``) and the worker's CPU per job (ms)."""
+        if self._start is None:
+            raise RuntimeError("finish() before start()")
+        redis_before, cpu_before = self._start
+        costs = self._meter.per_job(redis_before, self._meter.snapshot(), jobs)
+        costs["worker_cpu_ms_per_job"] = round(1000 * (self._tree.seconds() - cpu_before) / max(jobs, 1), 3)
+        self._start = None
+        return costs
+
+    def close(self) -> None:
+        self._meter.close()

@@ -136,7 +136,7 @@ class Load:
     """Drives one system: its requests (pre-validated), its client, the shared result stream."""
 
     def __init__(self, system: str, client: FleetClient, stream: ResultStream, requests: list,
-                 texts_per_job: int = 1, stats: Callable[[], dict | None] | None = None):
+                 texts_per_job: int = 1, stats: Callable[[], dict | None] | None = None, costs=None):
         self.system = system
         self.client = client
         self.stream = stream
@@ -144,6 +144,8 @@ class Load:
         self.texts_per_job = texts_per_job
         self._next = 0
         self._stats = stats or (lambda: None)
+        #: ``bench.costs.PhaseCosts`` (or None): Redis commands, redis-server and worker CPU per job.
+        self._costs = costs
 
     def _take(self, count: int) -> list:
         picked = [self.requests[(self._next + i) % len(self.requests)] for i in range(count)]
@@ -155,7 +157,7 @@ class Load:
 
     def _result(self, load: str, started: float, ended: float, latencies: list[float], failed: int,
                 incomplete: int, cpu0: float, stats0: dict | None, offered: float | None = None,
-                completed: int | None = None) -> PhaseResult:
+                completed: int | None = None, costs: dict | None = None) -> PhaseResult:
         duration = max(ended - started, 1e-9)
         jobs = len(latencies) if completed is None else completed
         result = PhaseResult(
@@ -165,6 +167,8 @@ class Load:
             p99_ms=_ms(percentile(latencies, 99)), offered_rate=offered, failed=failed, incomplete=incomplete,
             harness_cpu_s=_cpu_s() - cpu0)
         result.extra["load_average"] = os.getloadavg()[0]
+        if costs is not None:
+            result.extra["costs"] = costs
         # Near 1.0 would mean the load generator itself was the bottleneck of this phase.
         result.extra["harness_busy"] = result.harness_cpu_s / duration
         stats1 = self._stats()
@@ -199,6 +203,8 @@ class Load:
             now = time.perf_counter()
             if not measuring and now >= measure_from:
                 measuring, stats0, measure_from = True, self._stats(), now
+                if self._costs is not None:
+                    self._costs.start()
                 end = None if duration_s is None else now + duration_s
             if measuring and ((end is not None and now >= end) or (jobs is not None and len(latencies) >= jobs)):
                 break
@@ -218,8 +224,9 @@ class Load:
                 for job_id in self._submit(done):
                     inflight[job_id] = submitted
         ended = time.perf_counter()
+        costs = self._costs.finish(len(latencies)) if self._costs is not None and measuring else None
         self._wait_out(inflight, drain_s)
-        return self._result(load, measure_from, ended, latencies, failed, 0, cpu0, stats0)
+        return self._result(load, measure_from, ended, latencies, failed, 0, cpu0, stats0, costs=costs)
 
     def open(self, load: str, rate: float, duration_s: float, *, drain_s: float = 15.0, seed: int = 0) -> PhaseResult:
         """Poisson arrivals at ``rate`` jobs/s for ``duration_s``; latency from each scheduled arrival."""
@@ -231,6 +238,8 @@ class Load:
                 break
             schedule.append(t)
         cpu0, stats0 = _cpu_s(), self._stats()
+        if self._costs is not None:
+            self._costs.start()
         inflight: dict[str, float] = {}
         latencies: list[float] = []
         failed = 0
@@ -256,9 +265,10 @@ class Load:
                     failed += state != "SUCCESS"
         ended = time.perf_counter()
         incomplete = len(inflight)
+        costs = self._costs.finish(len(latencies)) if self._costs is not None else None
         self._wait_out(inflight, 0)
         # Throughput of an open-loop phase: completions over the time it took to complete them.
-        return self._result(load, t0, ended, latencies, failed, incomplete, cpu0, stats0, offered=rate)
+        return self._result(load, t0, ended, latencies, failed, incomplete, cpu0, stats0, offered=rate, costs=costs)
 
     def _wait_out(self, inflight: dict[str, float], drain_s: float) -> None:
         """Let jobs still in flight finish (unmeasured), so the next phase starts clean."""

@@ -34,7 +34,10 @@ class ConsumerConfig:
     index: int
     #: Also take training jobs (queue ``fleet.training``); the models' queues come with the cards.
     train: bool
+    #: Task threads for embed and classify jobs (generate jobs get their engine share on top).
     concurrency: int
+    #: Consumer processes in the group (each holds its share of a generation engine's slots).
+    consumers: int
     address: str
     board_path: str
     run_sweeper: bool
@@ -90,6 +93,7 @@ def consumer_main(config: ConsumerConfig, cards_pipe: Any) -> None:
 
     from workers.queue.app import app  # Celery, kombu and the tasks: imported while the device loads
     from workers.queue.event_batching import EventBatching
+    from workers.queue.generation_flow import GenerationFlow
     from workers.serving import runtime as runtime_module
     from workers.serving.device_client import DeviceClient
     from workers.serving.runtime import ConsumerRuntime, ModelCard
@@ -101,7 +105,8 @@ def consumer_main(config: ConsumerConfig, cards_pipe: Any) -> None:
         return
     runtime = ConsumerRuntime(settings=settings, device=message["device"],
                               cards={card["name"]: ModelCard.from_dict(card) for card in message["cards"]},
-                              client=DeviceClient(config.address, board))
+                              client=DeviceClient(config.address, board),
+                              on_counts=lambda in_flight, done: board.consumer_counts(config.index, in_flight, done))
     runtime_module.install(runtime)
     queues = [card.queue for card in runtime.cards.values()] + ([TRAINING_QUEUE] if config.train else [])
 
@@ -127,6 +132,11 @@ def consumer_main(config: ConsumerConfig, cards_pipe: Any) -> None:
     app.steps["consumer"].add(consumer_progress_step(board, config.index,
                                                      lambda: (runtime.in_flight, runtime.jobs_done)))
     app.steps["consumer"].add(EventBatching)
+    flow = GenerationFlow({card.queue: card.slots for card in runtime.cards.values() if card.slots},
+                          config.consumers)
+    if flow.shares:
+        app.steps["consumer"].add(flow.step())
+        flow.connect()
 
     def stop_services() -> None:
         if sweeper is not None:
@@ -145,7 +155,8 @@ def consumer_main(config: ConsumerConfig, cards_pipe: Any) -> None:
 
     signals.worker_ready.connect(on_ready, weak=False)
     signals.worker_shutting_down.connect(on_shutdown, weak=False)
-    worker = app.Worker(hostname=config.node_name, pool="threads", concurrency=config.concurrency,
+    worker = app.Worker(hostname=config.node_name, pool="threads",
+                        concurrency=config.concurrency + flow.extra_threads,
                         queues=queues, loglevel=settings.log_level.upper(), without_mingle=True,
                         without_gossip=True, optimization="fair")
     try:

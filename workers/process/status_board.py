@@ -24,6 +24,7 @@ import json
 import mmap
 import os
 import struct
+import threading
 import time
 from dataclasses import dataclass
 from enum import IntEnum
@@ -99,6 +100,8 @@ class StatusBoard:
         self.path = path
         self._memory = memory
         self.consumers = consumers
+        #: Serialises this process's writes (read, change, write back of a slot).
+        self._write_lock = threading.Lock()
 
     @classmethod
     def create(cls, path: Path, consumers: int) -> StatusBoard:
@@ -126,13 +129,15 @@ class StatusBoard:
     # --- device process --------------------------------------------------------------------
 
     def set_device(self, state: State, pid: int | None = None, metrics_port: int | None = None) -> None:
-        old_pid, _, _, batches, old_port = _DEVICE.unpack_from(self._memory, _DEVICE_AT)
-        _DEVICE.pack_into(self._memory, _DEVICE_AT, pid if pid is not None else old_pid, int(state),
-                          time.monotonic(), batches, metrics_port if metrics_port is not None else old_port)
+        with self._write_lock:
+            old_pid, _, _, batches, old_port = _DEVICE.unpack_from(self._memory, _DEVICE_AT)
+            _DEVICE.pack_into(self._memory, _DEVICE_AT, pid if pid is not None else old_pid, int(state),
+                              time.monotonic(), batches, metrics_port if metrics_port is not None else old_port)
 
     def device_tick(self) -> None:
-        pid, state, _, batches, port = _DEVICE.unpack_from(self._memory, _DEVICE_AT)
-        _DEVICE.pack_into(self._memory, _DEVICE_AT, pid, state, time.monotonic(), batches, port)
+        with self._write_lock:
+            pid, state, _, batches, port = _DEVICE.unpack_from(self._memory, _DEVICE_AT)
+            _DEVICE.pack_into(self._memory, _DEVICE_AT, pid, state, time.monotonic(), batches, port)
 
     def batch_started(self, slot: int, job_ids: list[str]) -> None:
         """Record that batcher ``slot`` now computes a batch of these jobs."""
@@ -145,8 +150,9 @@ class StatusBoard:
 
     def batch_finished(self, slot: int) -> None:
         _SLOT_HEAD.pack_into(self._memory, _SLOTS_AT + slot * _SLOT_SIZE, 0.0, 0)
-        pid, state, tick, batches, port = _DEVICE.unpack_from(self._memory, _DEVICE_AT)
-        _DEVICE.pack_into(self._memory, _DEVICE_AT, pid, state, time.monotonic(), batches + 1, port)
+        with self._write_lock:
+            pid, state, tick, batches, port = _DEVICE.unpack_from(self._memory, _DEVICE_AT)
+            _DEVICE.pack_into(self._memory, _DEVICE_AT, pid, state, time.monotonic(), batches + 1, port)
 
     def device(self) -> DeviceStatus:
         pid, state, tick, batches, port = _DEVICE.unpack_from(self._memory, _DEVICE_AT)
@@ -171,14 +177,24 @@ class StatusBoard:
 
     def set_consumer(self, index: int, state: State, pid: int | None = None, metrics_port: int | None = None) -> None:
         at = self._consumer_at(index)
-        old_pid, _, _, in_flight, done, old_port = _CONSUMER.unpack_from(self._memory, at)
-        _CONSUMER.pack_into(self._memory, at, pid if pid is not None else old_pid, int(state), time.monotonic(),
-                            in_flight, done, metrics_port if metrics_port is not None else old_port)
+        with self._write_lock:
+            old_pid, _, _, in_flight, done, old_port = _CONSUMER.unpack_from(self._memory, at)
+            _CONSUMER.pack_into(self._memory, at, pid if pid is not None else old_pid, int(state), time.monotonic(),
+                                in_flight, done, metrics_port if metrics_port is not None else old_port)
 
     def consumer_tick(self, index: int, in_flight: int, jobs_done: int) -> None:
+        """The consumer's loop turned (or a job ended): its time and its job counts now."""
         at = self._consumer_at(index)
-        pid, state, _, _, _, port = _CONSUMER.unpack_from(self._memory, at)
-        _CONSUMER.pack_into(self._memory, at, pid, state, time.monotonic(), in_flight, jobs_done, port)
+        with self._write_lock:
+            pid, state, _, _, _, port = _CONSUMER.unpack_from(self._memory, at)
+            _CONSUMER.pack_into(self._memory, at, pid, state, time.monotonic(), in_flight, jobs_done, port)
+
+    def consumer_counts(self, index: int, in_flight: int, jobs_done: int) -> None:
+        """The consumer's job counts now (a job ended), its tick unchanged: only its loop ticks it."""
+        at = self._consumer_at(index)
+        with self._write_lock:
+            pid, state, tick, _, _, port = _CONSUMER.unpack_from(self._memory, at)
+            _CONSUMER.pack_into(self._memory, at, pid, state, tick, in_flight, jobs_done, port)
 
     def consumer(self, index: int) -> ConsumerStatus:
         pid, state, tick, in_flight, done, port = _CONSUMER.unpack_from(self._memory, self._consumer_at(index))

@@ -20,6 +20,8 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from workers.process.parent_watch import die_with_parent
+
 log = logging.getLogger("fleet.up")
 
 BACKOFF_START_S = 1.0
@@ -108,7 +110,9 @@ class Supervised:
         return cls(plan.name, worker_command(plan, models, registry, train, consumers), plan.env)
 
     def start(self) -> None:
-        self.process = subprocess.Popen(self.command, env={**os.environ, **self.env})
+        # The child dies with the supervisor (a SIGKILLed `fleet up` leaves no worker behind); the
+        # supervisor is single-threaded, so preexec_fn is safe here.
+        self.process = subprocess.Popen(self.command, env={**os.environ, **self.env}, preexec_fn=die_with_parent)
         self.started_at = time.monotonic()
         self.restart_at = None
         log.info("started %s (pid %d)", self.name, self.process.pid)

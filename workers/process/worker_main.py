@@ -246,7 +246,8 @@ class WorkerGroup:
 
         receive, send = self.context.Pipe(duplex=False)
         config = ConsumerConfig(worker_name=self.name, node_name=consumer_node_name(self.name, index), index=index,
-                                train=self.options.train, concurrency=self.concurrency, address=self.address,
+                                train=self.options.train, concurrency=self.concurrency,
+                                consumers=self.consumer_count, address=self.address,
                                 board_path=str(self.board.path), run_sweeper=index == 0,
                                 settings=self._settings_dict())
         process = self.context.Process(target=consumer_main, args=(config, receive), name=f"fleet-consumer-{index}")

@@ -5,7 +5,6 @@ from __future__ import annotations
 from celery import Celery
 
 from producer.celery_config import celery_config
-from producer.redis_connection import is_sentinel_url
 from producer.serialization import STRICT_JSON
 from workers.queue import envelope_guard, redis_patches, results, transport
 from workers.queue.results import DEBUG_ERRORS_KEY, result_backend_setting
@@ -13,8 +12,8 @@ from workers.settings import WorkerSettings
 
 redis_patches.install()  # busy workers must ride out Redis restarts and failovers (see the module)
 envelope_guard.install()  # a queue item that is not a kombu message is dead-lettered, not fatal
-transport.check_versions()  # the transport and the result backend subclass private methods
-results.check_versions()
+transport.install()  # kombu's Redis transport with fewer commands per message (see the module)
+results.check_versions()  # the result backend subclasses private methods of Celery's
 
 
 def worker_config(settings: WorkerSettings) -> dict:
@@ -30,9 +29,7 @@ def worker_config(settings: WorkerSettings) -> dict:
     instead of ending the worker (``workers/queue/wire_guard.py``).
     """
     config = celery_config(settings)
-    transport = "FleetSentinelTransport" if is_sentinel_url(settings.redis_url) else "FleetTransport"
     config.update({
-        "broker_transport": f"workers.queue.transport:{transport}",
         "result_backend": result_backend_setting(settings.redis_url),
         "result_serializer": STRICT_JSON,
         DEBUG_ERRORS_KEY: settings.debug_errors,

@@ -1,8 +1,9 @@
 """Fleet's broker transport: kombu's Redis transport with fewer Redis commands per message.
 
-Selected by ``workers/queue/app.py`` through Celery's ``broker_transport`` setting (kombu
-accepts a transport class path; the broker URL stays ``redis://``, ``rediss://`` or
-``sentinel://``). Messages, queues, priorities and the at-least-once bookkeeping
+Installed by ``workers/queue/app.py`` (``install()``) as the transport kombu picks for the
+``redis``, ``rediss`` and ``sentinel`` URL schemes in a worker process (kombu's documented alias
+table, ``kombu.transport.TRANSPORT_ALIASES``), so the broker URL and every log line keep the
+standard scheme. Messages, queues, priorities and the at-least-once bookkeeping
 (``unacked`` hash and ``unacked_index`` sorted set, restored after the visibility timeout)
 are kombu's own; only how the bookkeeping is written changes:
 
@@ -16,8 +17,8 @@ are kombu's own; only how the bookkeeping is written changes:
 
 A channel whose connection was lost (``transport.client`` detached) falls back to kombu's
 own code paths, which workers/queue/redis_patches.py makes safe across a reconnect. The
-subclasses override private methods of kombu's QoS, so ``check_versions`` refuses a kombu they
-were not written for (``producer.version_guard``); workers/queue/app.py calls it.
+subclasses override private methods of kombu's QoS, so ``install`` refuses a kombu they were not
+written for (``producer.version_guard``).
 """
 
 from __future__ import annotations
@@ -33,9 +34,20 @@ from workers.queue.group_commit import GroupCommit
 from workers.queue.redis_patches import remember_broker
 
 
-def check_versions() -> None:
-    """Raise ``UntestedVersionError`` on a kombu release these subclasses were not written for."""
+#: URL scheme -> the class kombu uses for it in a worker process.
+ALIASES = {"redis": "workers.queue.transport:FleetTransport", "rediss": "workers.queue.transport:FleetTransport",
+           "sentinel": "workers.queue.transport:FleetSentinelTransport"}
+
+
+def install() -> None:
+    """Make kombu use these transports for ``redis://``, ``rediss://`` and ``sentinel://`` in this process
+    (idempotent); raise ``UntestedVersionError`` on a kombu release they were not written for."""
+    from kombu import transport
+
     require_tested_version("kombu", "Fleet's Redis transport (workers/queue/transport.py)")
+    transport.TRANSPORT_ALIASES.update(ALIASES)
+    for scheme in ALIASES:
+        transport._transport_cache.pop(scheme, None)  # resolved on next use, now to Fleet's class
 
 
 def _attached(channel) -> bool:

@@ -162,6 +162,7 @@ class _Resident:
                 "labels": list(getattr(impl, "labels", []) or []), "dim": getattr(impl, "dim", None),
                 "features": getattr(impl, "features", None),
                 "max_seq_len": int(getattr(impl, "max_seq_len", spec.max_seq_len)), "tokenizer": _tokenizer_file(spec),
+                "slots": impl.limits.max_sequences if spec.kind is ModelKind.GENERATE else None,
                 "device": impl.device, "dtype": str(impl.dtype).removeprefix("torch."),
                 "load": {"load_s": self.report.load_s, "warmup_s": self.report.warmup_s,
                          "rss_bytes": self.report.rss_bytes, "parameters": self.report.parameters,

@@ -61,6 +61,9 @@ class ModelSpec(BaseModel):
     max_prompt_tokens: int | None = Field(None, ge=1)
     kv_cache_tokens: int | None = Field(None, ge=1)
     backend: Backend = Backend.TORCH
+    #: A resident-model class of your own, ``module:Class`` (advanced): built as ``Class(spec, device)``, it
+    #: provides the interface of ``workers/serving/models/`` (``run_batch``, ``warmup``, ...); None: Fleet's.
+    impl: str | None = Field(None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
     @field_validator("source")
     @classmethod

@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from producer.contract import ErrorCode, ModelKind
 from producer.errors import JobFailedError
@@ -35,6 +35,8 @@ class ModelCard:
     features: int | None
     max_seq_len: int
     tokenizer: str | None
+    #: Generate models: the most sequences the device's engine decodes at once (None otherwise).
+    slots: int | None
     device: str
     dtype: str
     load: dict[str, Any]
@@ -56,6 +58,8 @@ class ConsumerRuntime:
     in_flight_ids: set[str] = field(default_factory=set)
     jobs_done: int = 0
     last_job_at: float | None = None
+    #: Called with (jobs in flight, jobs done) whenever they change (the status board's counts).
+    on_counts: Callable[[int, int], None] | None = None
     _encoders: dict[str, TextEncoder] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -88,12 +92,18 @@ class ConsumerRuntime:
     def job_started(self, job_id: str) -> None:
         with self._lock:
             self.in_flight_ids.add(job_id)
+            self._report()
 
     def job_finished(self, job_id: str) -> None:
         with self._lock:
             self.in_flight_ids.discard(job_id)
             self.jobs_done += 1
             self.last_job_at = time.time()
+            self._report()
+
+    def _report(self) -> None:
+        if self.on_counts is not None:
+            self.on_counts(len(self.in_flight_ids), self.jobs_done)
 
 
 _current: ConsumerRuntime | None = None

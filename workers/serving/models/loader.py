@@ -16,8 +16,13 @@ log = logging.getLogger(__name__)
 
 
 def implementation_for(spec: ModelSpec):
-    """What builds ``spec``'s resident model from ``(spec, device)``: ONNX Runtime's for the onnxruntime
-    backend, else the PyTorch class by kind, and for classifiers by what the directory holds."""
+    """What builds ``spec``'s resident model from ``(spec, device)``: the registry's own ``impl`` class if it
+    names one; ONNX Runtime's for the onnxruntime backend; else the PyTorch class by kind, and for
+    classifiers by what the directory holds."""
+    if spec.impl is not None:
+        from kombu.utils.imports import symbol_by_name
+
+        return symbol_by_name(spec.impl)
     if spec.backend is Backend.ONNXRUNTIME:
         from workers.serving.models.onnx_models import open_onnx_model
 

@@ -13,20 +13,38 @@ from producer.contract import (
     TrainResult,
 )
 from producer.errors import (
+    FleetConnectionError,
     FleetError,
+    FleetRedisError,
+    IdempotencyConflictError,
     InvalidRequest,
+    InvalidRequestError,
     JobCancelled,
+    JobCancelledError,
     JobExpired,
+    JobExpiredError,
     JobFailedError,
+    JobIdConflictError,
     JobTimeout,
+    JobTimeoutError,
+    ModelUnavailableError,
     QueueFull,
+    QueueFullError,
+    RedisCommandError,
+    RedisURLError,
     UnknownModel,
+    UnknownModelError,
     WrongModelKind,
+    WrongModelKindError,
 )
 
 __all__ = [
-    "FleetClient", "JobHandle", "EmbedResult", "ClassifyResult", "GenerateResult", "ErrorCode",
-    "JobError", "JobStatus", "FleetError", "InvalidRequest", "JobCancelled", "JobExpired", "QueueFull", "JobFailedError",
-    "JobTimeout", "UnknownModel", "WrongModelKind", "AsyncFleetClient", "AsyncJobHandle",
-    "TrainProgress", "TrainResult",
+    "FleetClient", "JobHandle", "AsyncFleetClient", "AsyncJobHandle",
+    "EmbedResult", "ClassifyResult", "GenerateResult", "TrainProgress", "TrainResult", "ErrorCode", "JobError",
+    "JobStatus",
+    "FleetError", "FleetRedisError", "RedisCommandError", "InvalidRequestError", "UnknownModelError", "WrongModelKindError", "IdempotencyConflictError",
+    "JobIdConflictError", "ModelUnavailableError", "QueueFullError", "JobFailedError", "JobCancelledError",
+    "JobExpiredError", "JobTimeoutError", "FleetConnectionError", "RedisURLError",
+    # aliases of the first release's names (producer/errors.py)
+    "InvalidRequest", "UnknownModel", "WrongModelKind", "JobCancelled", "JobExpired", "JobTimeout", "QueueFull",
 ]

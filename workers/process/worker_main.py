@@ -1,4 +1,4 @@
-"""``fleet worker``: pin a device, load models, publish the catalog, then consume.
+"""``fleet worker``: pin a device, load models, announce them (heartbeat and catalog), then consume.
 
 Order matters: the device is pinned before torch starts, models load in this process
 before the consumer starts (threads pool, never prefork), and the worker reports ready
@@ -7,7 +7,6 @@ only once Celery's consumer is running.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -52,11 +51,10 @@ def worker_name(options: WorkerOptions, device: str, hostname: str) -> str:
     return f"fleet-{tag}@{hostname}"
 
 
-def publish_catalog(redis_client: redis.Redis, specs) -> None:
-    """Record the models this worker serves so clients can validate model names before enqueue."""
-    if specs:
-        redis_client.hset(keys.CATALOG, mapping={
-            spec.name: json.dumps({"kind": spec.kind.value, "queue": spec.queue}) for spec in specs})
+def catalog_entries(specs) -> dict[str, dict]:
+    """The catalog entries of the models this worker serves; its heartbeat keeps them in ``fleet:catalog``
+    (with ``last_seen``), so that clients send only jobs a live worker will take."""
+    return {spec.name: {"kind": spec.kind.value, "queue": spec.queue} for spec in specs}
 
 
 def exit_before_consuming(signum: int, _frame: object) -> None:
@@ -154,7 +152,6 @@ def run_worker(options: WorkerOptions, settings: WorkerSettings | None = None) -
         return EXIT_LOAD_ERROR
     runtime_module.install(runtime)
 
-    publish_catalog(redis_client, specs)
     name = worker_name(options, choice.device, settings.hostname)
     identity = device_identity(choice.device)
     from workers.observability import telemetry
@@ -173,7 +170,8 @@ def run_worker(options: WorkerOptions, settings: WorkerSettings | None = None) -
         }
 
     heartbeat = Heartbeat(redis_client, name, snapshot, settings.heartbeat_interval_s,
-                          settings.heartbeat_interval_s * settings.heartbeat_ttl_intervals).start()
+                          settings.heartbeat_interval_s * settings.heartbeat_ttl_intervals,
+                          catalog=catalog_entries(specs)).start()
     sweeper = start_delivery_sweeper(redis_client, name, settings)
 
     def on_ready(**_: object) -> None:

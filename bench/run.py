@@ -44,6 +44,7 @@ import redis
 
 from bench.loadgen import Load, PhaseResult, ResultStream
 from producer import FleetClient
+from producer.settings import FleetSettings
 from producer.contract import EmbedRequest, ModelKind, inference_queue
 
 REPO = Path(__file__).resolve().parent.parent
@@ -239,7 +240,8 @@ def run_system(system: str, profile: Profile, redis_url: str, workdir: Path, tex
     phases: list[PhaseResult] = []
     stream = ResultStream(redis_url, check=_check_result)
     stream.start()
-    client = FleetClient(redis_url)
+    # The plain-Celery baseline announces no Fleet heartbeat: its jobs are sent without the live-worker check.
+    client = FleetClient(settings=FleetSettings(redis_url=redis_url, wait_for_worker=system == "celery"))
     try:
         singles = [EmbedRequest(texts=[t], model=profile.model) for t in texts]
         bulk = [EmbedRequest(texts=[texts[(i * profile.bulk_texts + j) % len(texts)] for j in range(profile.bulk_texts)],

@@ -28,24 +28,17 @@ from producer.celery_config import PRIORITY_DEFAULT
 from producer.contract import JobStatus, ModelKind, TrainProgress
 from producer.contract.inference import EmbedEncoding
 from producer.core.catalog import CatalogEntry
-from producer.core.jobs import result_key
+from producer.core.jobs import connection_name, new_client_prefix, result_key
 from producer.core.options import SubmitOptions, parse_options
-from producer.core.requests import (
-    TRAIN_KIND,
-    build_many,
-    build_request,
-    check_kind,
-    classify_fields,
-    embed_fields,
-    train_fields,
-)
+from producer.core.requests import TRAIN_KIND, build_many, build_request, check_kind
+from producer.core.requests import classify_fields, embed_fields, train_fields
 from producer.core.results import REASON_CANCELLED, REASON_EXPIRED, decode_meta, progress_of, status_of, unstarted_marker
 from producer.core.router import ResultRouter
 from producer.core.waits import RECORD_FIELDS, JobInfo, StreamCursor, Wait, ordered_outcomes, raise_or_return
 from producer.publishing import Publisher
 from producer.redis_connection import WAIT_SOCKET_TIMEOUT_S, async_redis_client, redis_errors, redis_client
 from producer.scripts import SETTLE_UNSTARTED, settle_call
-from producer.settings import FleetSettings
+from producer.settings import FleetSettings, client_settings
 
 __all__ = ["AsyncFleetClient", "AsyncJobHandle"]
 
@@ -134,16 +127,18 @@ class AsyncFleetClient:
     """
 
     def __init__(self, redis_url: str | None = None, *, settings: FleetSettings | None = None):
-        settings = settings or FleetSettings()
-        if redis_url is not None:
-            settings = settings.model_copy(update={"redis_url": redis_url})
-        self.settings = settings
+        self.settings = settings = client_settings(redis_url, settings)
+        prefix = new_client_prefix()
+        #: The name its Redis connections carry (``CLIENT LIST``): this for publishing, this plus ``-wait``
+        #: for the ``async_max_connections`` command connections and the subscription.
+        self.name = connection_name(prefix)
         slots = settings.async_max_connections
         # One connection more than the command slots: the subscription holds its own.
-        self._redis = async_redis_client(settings, max_connections=slots + 1, socket_timeout=WAIT_SOCKET_TIMEOUT_S)
+        self._redis = async_redis_client(settings, max_connections=slots + 1, socket_timeout=WAIT_SOCKET_TIMEOUT_S,
+                                         client_name=f"{self.name}-wait")
         self._slots = asyncio.Semaphore(slots)
-        self._publisher = Publisher(settings, redis_client(settings))
-        self._router = ResultRouter(self._publisher.prefix)
+        self._publisher = Publisher(settings, redis_client(settings, client_name=self.name), prefix)
+        self._router = ResultRouter(prefix)
         self._reads = _BatchedReads(self)
         self._listener = _AsyncListener(self, self._router)
         self._settle_script = self._redis.register_script(SETTLE_UNSTARTED)

@@ -24,25 +24,17 @@ from producer.celery_config import PRIORITY_DEFAULT, celery_config
 from producer.contract import JobStatus, ModelKind, TrainProgress
 from producer.contract.inference import EmbedEncoding
 from producer.core.catalog import CatalogEntry
-from producer.core.jobs import result_key
+from producer.core.jobs import connection_name, new_client_prefix, result_key
 from producer.core.options import SubmitOptions, parse_options
-from producer.core.requests import (
-    TRAIN_KIND,
-    build_many,
-    build_request,
-    check_kind,
-    classify_fields,
-    embed_fields,
-    train_fields,
-    validate_request,
-)
+from producer.core.requests import TRAIN_KIND, build_many, build_request, check_kind
+from producer.core.requests import classify_fields, embed_fields, train_fields, validate_request
 from producer.core.results import REASON_CANCELLED, REASON_EXPIRED, decode_meta, progress_of, status_of, unstarted_marker
 from producer.core.router import ResultRouter
 from producer.core.waits import RECORD_FIELDS, JobInfo, StreamCursor, Wait, ordered_outcomes, raise_or_return
 from producer.publishing import Publisher
 from producer.redis_connection import redis_errors, redis_client, wait_client
 from producer.scripts import SETTLE_UNSTARTED, settle_call
-from producer.settings import FleetSettings
+from producer.settings import FleetSettings, client_settings
 
 __all__ = ["FleetClient", "JobHandle", "validate_request"]
 
@@ -135,14 +127,15 @@ class FleetClient:
     """
 
     def __init__(self, redis_url: str | None = None, *, settings: FleetSettings | None = None):
-        settings = settings or FleetSettings()
-        if redis_url is not None:
-            settings = settings.model_copy(update={"redis_url": redis_url})
-        self.settings = settings
-        self._redis = redis_client(settings)
-        self._publisher = Publisher(settings, self._redis)
-        self._router = ResultRouter(self._publisher.prefix)
-        self._listener = _Listener(wait_client(settings), self._router, settings.redis_url)
+        self.settings = settings = client_settings(redis_url, settings)
+        prefix = new_client_prefix()
+        #: The name its Redis connections carry (``CLIENT LIST``): this, and this plus ``-wait``.
+        self.name = connection_name(prefix)
+        self._redis = redis_client(settings, client_name=self.name)
+        self._publisher = Publisher(settings, self._redis, prefix)
+        self._router = ResultRouter(prefix)
+        self._listener = _Listener(wait_client(settings, client_name=f"{self.name}-wait"), self._router,
+                                   settings.redis_url)
         self._settle_script = self._redis.register_script(SETTLE_UNSTARTED)
         self._control_app: Celery | None = None
         telemetry.setup_producer()  # traces task publishing; a no-op unless an OTLP endpoint is set

@@ -36,7 +36,7 @@ from producer.celery_config import celery_config
 from producer.contract import ModelKind
 from producer.core.catalog import Catalog, CatalogEntry, live_models, parse_catalog
 from producer.core.depth import DepthEstimates
-from producer.core.jobs import JobPlan, new_client_prefix, plan_jobs
+from producer.core.jobs import JobPlan, connection_name, plan_jobs
 from producer.core.options import SubmitOptions
 from producer.core.requests import fixed_queue
 from producer.core.router import Coverage
@@ -80,9 +80,9 @@ class Submitted:
 class Publisher:
     """Publishes jobs for one client. Thread-safe (the sync client may be shared by threads)."""
 
-    def __init__(self, settings: FleetSettings, redis_client: redis.Redis, prefix: str | None = None):
+    def __init__(self, settings: FleetSettings, redis_client: redis.Redis, prefix: str):
         self.settings = settings
-        self.prefix = prefix or new_client_prefix()
+        self.prefix = prefix
         self._redis = redis_client
         self._catalog = Catalog(settings.catalog_cache_s)
         self._depths = DepthEstimates(settings.depth_refresh_s)
@@ -93,6 +93,7 @@ class Publisher:
         # Results are followed through the client's own subscription; a backend here would make
         # send_task subscribe this process to every job's channel in Celery's result consumer.
         config.pop("result_backend", None)
+        config["broker_transport_options"] = {**config["broker_transport_options"], "client_name": connection_name(prefix)}
         self.app.conf.update(config)
 
     def close(self) -> None:

@@ -76,11 +76,12 @@ def patient_retry() -> Retry:
                  is_retryable=retryable)
 
 
-def wait_client(settings: FleetSettings) -> redis.Redis:
-    """The client a producer waits on: one quick retry, ``WAIT_SOCKET_TIMEOUT_S``; its waits retry by themselves."""
+def wait_client(settings: FleetSettings, **options: Any) -> redis.Redis:
+    """The client a producer waits on: one quick retry, ``WAIT_SOCKET_TIMEOUT_S``; its waits retry by themselves.
+    ``options`` as for ``redis_client``."""
     return redis_client(settings, patient=False, socket_timeout=WAIT_SOCKET_TIMEOUT_S,
                         socket_connect_timeout=CONNECT_TIMEOUT_S,
-                        retry=Retry(EqualJitterBackoff(cap=0.5, base=0.1), 1, is_retryable=retryable))
+                        retry=Retry(EqualJitterBackoff(cap=0.5, base=0.1), 1, is_retryable=retryable), **options)
 
 
 #: What redis-py and kombu raise when Redis cannot be reached or refuses the credentials.

@@ -40,3 +40,9 @@ class FleetSettings(BaseSettings):
     #: Redis Sentinel: the monitored master's name, needed when ``REDIS_URL`` is a ``sentinel://`` URL
     #: (``FLEET_SENTINEL_MASTER``). See producer/redis_connection.py and docs/RELIABILITY.md.
     sentinel_master: str | None = Field(None, min_length=1)
+
+
+def client_settings(redis_url: str | None, settings: FleetSettings | None) -> FleetSettings:
+    """What a client runs with: ``settings``, else the environment's; ``redis_url``, if given, overrides."""
+    settings = settings or FleetSettings()
+    return settings if redis_url is None else settings.model_copy(update={"redis_url": redis_url})

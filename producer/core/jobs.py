@@ -48,6 +48,12 @@ def new_client_prefix() -> str:
     return secrets.token_hex(PREFIX_DIGITS // 2)
 
 
+def connection_name(prefix: str) -> str:
+    """The name (``CLIENT SETNAME``) of the Redis connections a client publishes on; those it waits on
+    carry this name plus ``-wait``. ``CLIENT LIST`` and ``MONITOR`` then tell each client's share."""
+    return f"fleet-producer-{prefix}"
+
+
 def new_job_id(prefix: str) -> str:
     """A fresh UUID string (version 4) whose first ``PREFIX_DIGITS`` hex digits are ``prefix``."""
     return str(uuid.UUID(prefix + uuid.uuid4().hex[PREFIX_DIGITS:]))

@@ -142,8 +142,8 @@ def _failure(job_id: str, value: Any) -> JobFailedError:
 
 def unstarted_marker(job_id: str, reason: str, now: float) -> str:
     """The REVOKED result object a client stores for a job no worker started (reason ``expired`` or
-    ``cancelled``), byte for byte what Celery's ``mark_as_revoked`` stores, so every reader (Celery's
-    ``AsyncResult`` included) reads it the same."""
+    ``cancelled``): the JSON object Celery's ``mark_as_revoked`` stores in a worker, so every reader
+    (Celery's ``AsyncResult`` included) reads it the same."""
     return json.dumps({
         "status": REVOKED,
         "result": {"exc_type": "TaskRevokedError", "exc_message": [reason], "exc_module": "celery.exceptions"},

@@ -76,7 +76,7 @@ def test_a_message_lost_on_its_way_to_a_worker_still_gets_its_result(private_red
         expected = fleet.embed(["a job that goes astray"]).result(timeout=120).vectors[0]
         assert first.stop() == 0  # nobody consumes now; the catalog stays
 
-        handle = fleet.embed(["a job that goes astray"])
+        handle = fleet.embed(["a job that goes astray"], wait_for_worker=True)
         lists = [name for name in client.keys("fleet.embed.minilm*") if client.llen(name)]
         [raw] = [client.rpop(name) for name in lists]  # what a BRPOP to a worker killed at once does
         assert message_job_id(raw) == handle.id and client.zscore(keys.PENDING, handle.id) is not None

@@ -7,9 +7,10 @@ submission, of one job or many, goes through the same steps:
 1. **Route**: each model's queue from the catalog (refused: ``UnknownModelError``,
    ``WrongModelKindError``, ``ModelUnavailableError`` when no live worker serves it).
 2. **Admit**: room in each queue (``QueueFullError``), from a depth estimate (``core/depth.py``).
-3. **Claim**: one atomic script per chunk of jobs checks every job id is free
-   (``JobIdConflictError``) and the idempotency key (``IdempotencyConflictError``, or the first
-   job back for the same request), then writes the job records and pending entries.
+3. **Record**: the job records and pending entries, in one round trip. When the caller chose job
+   ids or gave an idempotency key, one atomic script per chunk of jobs first checks every chosen
+   id is free (``JobIdConflictError``) and the key (``IdempotencyConflictError``, or the first job
+   back for the same request); generated ids are unique by construction and are not looked up.
 4. **Send**: the Celery task messages (and their ``task-sent`` events) in pipelined batches
    through one kombu producer.
 
@@ -108,9 +109,12 @@ class Publisher:
             plans = plan_jobs(kind, requests, queues, options, self.prefix, time.time())
             for queue in dict.fromkeys(queues):
                 self._wait_for_room(queue, queues.count(queue), options.block_s)
-            existing = self._claim_all(plans)
-            if existing is not None:
-                return [Submitted(existing, None)]
+            if any(plan.chosen_id or plan.idempotency_key for plan in plans):
+                existing = self._claim_all(plans)
+                if existing is not None:
+                    return [Submitted(existing, None)]
+            else:
+                self._record(plans)
         self._send(plans)
         for queue in dict.fromkeys(queues):
             self._depths.record_added(queue, queues.count(queue))
@@ -169,6 +173,16 @@ class Publisher:
             if time.monotonic() >= give_up_at:
                 raise QueueFullError(queue, depth, limit)
             time.sleep(BACKPRESSURE_POLL_S)
+
+    def _record(self, plans: list[JobPlan]) -> None:
+        """Write the job records and pending entries of jobs with generated ids (one round trip)."""
+        submitted_at = time.time()
+        with self._redis.pipeline(transaction=False) as pipe:
+            for plan in plans:
+                pipe.hset(keys.job_record(plan.job_id), mapping=plan.record(submitted_at))
+                pipe.expire(keys.job_record(plan.job_id), self.settings.result_expires_s)
+            pipe.zadd(keys.PENDING, {plan.job_id: submitted_at for plan in plans})
+            pipe.execute()
 
     def _claim_all(self, plans: list[JobPlan]) -> str | None:
         """Claim and record every job (all chunks in one round trip); the earlier job's id when an

@@ -14,7 +14,8 @@ from producer.core.jobs import JobPlan, result_key
 
 #: Record a batch of jobs, all or nothing. KEYS: the pending set, the idempotency key (the pending
 #: set again when there is none), then per job its record and its result key. ARGV[1]: JSON
-#: ``{"ttl": s, "at": "<submitted_at>", "idem": {"hash", "window"} | null, "jobs": [{"id", "fields"}]}``.
+#: ``{"ttl": s, "at": "<submitted_at>", "idem": {"hash", "window"} | null,
+#: "jobs": [{"id", "check": bool, "fields"}]}``; ``check``: the caller chose the id, look for it first.
 #: Replies ``{"ok"}``; ``{"same", job id}`` (the key is bound to this very request: nothing written);
 #: ``{"idempotency_conflict", job id}``; ``{"job_id_conflict", job id}`` (a record or a result exists).
 CLAIM_JOBS = """
@@ -31,7 +32,7 @@ if spec.idem ~= cjson.null then
   end
 end
 for i, job in ipairs(spec.jobs) do
-  if redis.call('EXISTS', KEYS[1 + 2 * i], KEYS[2 + 2 * i]) > 0 then
+  if job.check and redis.call('EXISTS', KEYS[1 + 2 * i], KEYS[2 + 2 * i]) > 0 then
     return {'job_id_conflict', job.id}
   end
 end
@@ -90,7 +91,7 @@ def claim_call(plans: Sequence[JobPlan], submitted_at: float, record_ttl_s: int,
     spec: dict[str, Any] = {
         "ttl": record_ttl_s, "at": repr(submitted_at),
         "idem": {"hash": plans[0].fingerprint(), "window": idempotency_window_s} if idem_key else None,
-        "jobs": [{"id": plan.job_id,
+        "jobs": [{"id": plan.job_id, "check": plan.chosen_id,
                   "fields": [str(item) for pair in plan.record(submitted_at).items() for item in pair]}
                  for plan in plans],
     }

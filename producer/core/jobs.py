@@ -83,6 +83,8 @@ class JobPlan:
     expires: datetime | None
     result_ttl_s: int | None
     idempotency_key: str | None
+    #: The caller chose the id: it must be checked for reuse (a generated one is unique by construction).
+    chosen_id: bool = False
 
     @property
     def task(self) -> str:
@@ -128,9 +130,11 @@ def plan_jobs(kind: str, requests: Sequence[BaseModel], queues: Sequence[str], o
     ``JobIdConflictError`` when an id appears twice.
     """
     job_ids = _job_ids(len(requests), options, prefix)
+    chosen = options.job_id is not None or options.job_ids is not None
     expires = None if options.deadline_s is None else datetime.fromtimestamp(now + options.deadline_s, timezone.utc)
     return [JobPlan(job_id=job_id, kind=kind, queue=queue, request=request, priority=options.priority,
-                    expires=expires, result_ttl_s=options.result_ttl_s, idempotency_key=options.idempotency_key)
+                    expires=expires, result_ttl_s=options.result_ttl_s, idempotency_key=options.idempotency_key,
+                    chosen_id=chosen)
             for job_id, request, queue in zip(job_ids, requests, queues)]
 
 

@@ -35,6 +35,7 @@ from producer.core.requests import classify_fields, embed_fields, train_fields
 from producer.core.results import REASON_CANCELLED, REASON_EXPIRED, decode_meta, progress_of, status_of, unstarted_marker
 from producer.core.router import ResultRouter
 from producer.core.waits import RECORD_FIELDS, JobInfo, StreamCursor, Wait, ordered_outcomes, raise_or_return
+from producer.errors import FleetRedisError
 from producer.publishing import Publisher
 from producer.redis_connection import WAIT_SOCKET_TIMEOUT_S, async_redis_client, redis_errors, redis_client
 from producer.scripts import SETTLE_UNSTARTED, settle_call
@@ -106,14 +107,16 @@ class AsyncJobHandle:
             yield (await self.result(timeout=timeout)).text  # not a streaming job: the whole text
             return
         cursor = StreamCursor(self.id, info, timeout, time.monotonic())
+        within = self._client._within
         while not cursor.ended:
-            entries = await self._client._read_stream(self.id, cursor.last_id, cursor.block_ms(time.monotonic()))
+            entries = await within(cursor.left(time.monotonic()), [], self._client._read_stream(
+                self.id, cursor.last_id, cursor.block_ms(time.monotonic())))
             for piece in cursor.feed(entries, time.monotonic()):
                 yield piece
             if cursor.settle_due(time.time()):
-                await self._client._settle(self.id, REASON_EXPIRED)
+                await within(cursor.left(time.monotonic()), None, self._client._expire_in_wait(self.id))
             if not (cursor.ended or entries) and cursor.timed_out(time.monotonic()):
-                if not (await self.status()).finished:
+                if not await within(1.0, False, self._client._finished(self.id)):
                     raise cursor.timeout_error()
                 break
         await self.result(timeout=timeout)
@@ -158,6 +161,7 @@ class AsyncFleetClient:
             return
         self._closed = True
         await self._listener.stop()
+        await self._reads.close()
         await self._redis.aclose()
         await self._in_publisher_thread(self._publisher.close)
         self._executor.shutdown(wait=False)
@@ -245,14 +249,15 @@ class AsyncFleetClient:
             for item in plan.ready:
                 wait.accept(*item)
             await self._listener.subscribe(plan.subscribe)
-            wait.accept_read(await self._read_results(plan.read_now))
+            wait.accept_read(await self._within(wait.left(time.monotonic()), [], self._read_results(plan.read_now)))
             while True:
                 step = wait.step(time.time(), time.monotonic())
                 for item in step.emit:
                     yield item
                 for job_id in step.settle:
-                    wait.accept(job_id, decode_meta(await self._settle(job_id, REASON_EXPIRED)))
-                wait.accept_read(await self._read_results(step.read))
+                    marker = await self._within(wait.left(time.monotonic()), None, self._expire_in_wait(job_id))
+                    wait.accept(job_id, decode_meta(marker))
+                wait.accept_read(await self._within(wait.left(time.monotonic()), [], self._read_results(step.read)))
                 if step.done:
                     break
                 try:
@@ -265,6 +270,16 @@ class AsyncFleetClient:
             yield item
 
     # --- Redis I/O ----------------------------------------------------------------------
+
+    @staticmethod
+    async def _within(seconds: float | None, fallback: T, awaitable: Awaitable[T]) -> T:
+        """What ``awaitable`` gives, or ``fallback`` once ``seconds`` have passed (None: no bound): a Redis
+        command that a wait sends never outlasts the wait (the patient retry rides out up to ~19 s)."""
+        try:
+            async with asyncio.timeout(seconds):
+                return await awaitable
+        except TimeoutError:
+            return fallback
 
     async def _command(self, call: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
         """One Redis command on one of the client's connection slots."""
@@ -289,8 +304,26 @@ class AsyncFleetClient:
             return []
 
     async def _read_stream(self, job_id: str, last_id: str, block_ms: int) -> list[Any]:
-        reply = await self._command(self._redis.xread, {keys.token_stream(job_id): last_id}, count=64, block=block_ms)
+        """The next entries of a token stream; none on a Redis error (after ``block_ms``: the wait goes on)."""
+        try:
+            reply = await self._command(self._redis.xread, {keys.token_stream(job_id): last_id}, count=64,
+                                        block=block_ms)
+        except FleetRedisError:
+            await asyncio.sleep(block_ms / 1000)
+            return []
         return reply[0][1] if reply else []
+
+    async def _finished(self, job_id: str) -> bool:
+        """Whether a final result is stored for the job (False when Redis does not answer)."""
+        pairs = await self._read_results([job_id])
+        return any(meta is not None and meta.ready for meta in (decode_meta(payload) for _, payload in pairs))
+
+    async def _expire_in_wait(self, job_id: str) -> bytes | None:
+        """``_settle`` a job whose deadline passed while someone waits for it; None when Redis does not answer."""
+        try:
+            return await self._settle(job_id, REASON_EXPIRED)
+        except FleetRedisError:
+            return None
 
     async def _status(self, handle: AsyncJobHandle) -> JobStatus:
         pipe = self._redis.pipeline(transaction=False)
@@ -326,6 +359,7 @@ class _BatchedReads:
         self._client = client
         self._wanted: dict[str, list[asyncio.Future[bytes | None]]] = {}
         self._flush: asyncio.Task[None] | None = None
+        self._running: set[asyncio.Task[None]] = set()
 
     async def get(self, job_ids: list[str]) -> list[tuple[str, bytes | None]]:
         if not job_ids:
@@ -338,7 +372,15 @@ class _BatchedReads:
             futures.append(future)
         if self._flush is None:
             self._flush = loop.create_task(self._read_all())
+            self._running.add(self._flush)
+            self._flush.add_done_callback(self._running.discard)
         return list(zip(job_ids, await asyncio.gather(*futures)))
+
+    async def close(self) -> None:
+        """Stop reads still in flight (their waiters are gone or going)."""
+        for task in self._running:
+            task.cancel()
+        await asyncio.gather(*self._running, return_exceptions=True)
 
     async def _read_all(self) -> None:
         await asyncio.sleep(0)  # let the other readers of this turn add their keys

@@ -31,6 +31,7 @@ from producer.core.requests import classify_fields, embed_fields, train_fields, 
 from producer.core.results import REASON_CANCELLED, REASON_EXPIRED, decode_meta, progress_of, status_of, unstarted_marker
 from producer.core.router import ResultRouter
 from producer.core.waits import RECORD_FIELDS, JobInfo, StreamCursor, Wait, ordered_outcomes, raise_or_return
+from producer.errors import FleetRedisError
 from producer.publishing import Publisher
 from producer.redis_connection import redis_errors, redis_client, wait_client
 from producer.scripts import SETTLE_UNSTARTED, settle_call
@@ -111,9 +112,9 @@ class JobHandle:
             reply = self._client._read_stream(self.id, cursor.last_id, cursor.block_ms(time.monotonic()))
             yield from cursor.feed(reply, time.monotonic())
             if cursor.settle_due(time.time()):
-                self._client._settle(self.id, REASON_EXPIRED)
+                self._client._expire_in_wait(self.id)
             if not cursor.ended and not reply and cursor.timed_out(time.monotonic()):
-                if not self.status().finished:
+                if not self._client._finished(self.id):
                     raise cursor.timeout_error()
                 break
         self.result(timeout=timeout)
@@ -279,7 +280,7 @@ class FleetClient:
                 step = wait.step(time.time(), time.monotonic())
                 yield from step.emit
                 for job_id in step.settle:
-                    wait.accept(job_id, decode_meta(self._settle(job_id, REASON_EXPIRED)))
+                    wait.accept(job_id, decode_meta(self._expire_in_wait(job_id)))
                 wait.accept_read(self._read_results(step.read))
                 if step.done:
                     break
@@ -315,9 +316,26 @@ class FleetClient:
         return pairs
 
     def _read_stream(self, job_id: str, last_id: str, block_ms: int) -> list[Any]:
-        with redis_errors(self.settings.redis_url):
+        """The next entries of a token stream; none on a Redis error (after ``block_ms``: the wait goes on)."""
+        try:
             reply = self._listener.redis.xread({keys.token_stream(job_id): last_id}, count=64, block=block_ms)
+        except redis.RedisError:
+            time.sleep(block_ms / 1000)
+            return []
         return reply[0][1] if reply else []
+
+    def _finished(self, job_id: str) -> bool:
+        """Whether a final result is stored for the job (False when Redis does not answer)."""
+        pairs = self._read_results([job_id])
+        return any(meta is not None and meta.ready for meta in (decode_meta(payload) for _, payload in pairs))
+
+    def _expire_in_wait(self, job_id: str) -> bytes | None:
+        """``_settle`` a job whose deadline passed while someone waits for it; None when Redis does not answer
+        (the wait goes on: a worker stores the same result when it takes the job)."""
+        try:
+            return self._settle(job_id, REASON_EXPIRED)
+        except FleetRedisError:
+            return None
 
     def _status(self, handle: JobHandle) -> JobStatus:
         with redis_errors(self.settings.redis_url), self._redis.pipeline(transaction=False) as pipe:

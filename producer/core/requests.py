@@ -48,22 +48,22 @@ def fixed_queue(kind: str) -> str | None:
 def validate_request(model_cls: type[BaseModel], fields: Any) -> BaseModel:
     """Build ``model_cls`` from ``fields`` or raise ``InvalidRequestError`` listing every problem.
 
-    An unknown field is named with the closest known field or submission option, if any.
+    ``errors`` are pydantic's, as a worker reports them for the same payload; the message also
+    names, for an unknown field, the closest known field or submission option.
     """
     try:
         return model_cls.model_validate(fields)
     except ValidationError as exc:
-        errors = [{"loc": list(e["loc"]), "msg": _with_suggestion(model_cls, e), "type": e["type"]}
-                  for e in exc.errors()]
-        summary = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'request'}: {e['msg']}" for e in errors)
+        errors = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
+        summary = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'request'}: {e['msg']}{_suggestion(model_cls, e)}"
+                            for e in errors)
         raise InvalidRequestError(f"invalid {model_cls.__name__}: {summary}", errors) from None
 
 
-def _with_suggestion(model_cls: type[BaseModel], error: Any) -> str:
+def _suggestion(model_cls: type[BaseModel], error: dict[str, Any]) -> str:
     if error["type"] != "extra_forbidden" or len(error["loc"]) != 1:
-        return error["msg"]
-    name = str(error["loc"][0])
-    return f"{error['msg']}{did_you_mean(name, [*model_cls.model_fields, *OPTION_NAMES])}"
+        return ""
+    return did_you_mean(str(error["loc"][0]), [*model_cls.model_fields, *OPTION_NAMES])
 
 
 def as_text_list(texts: Any) -> Any:

@@ -108,6 +108,10 @@ class Wait:
         step.pause = max(0.0, min(left, next_expiry - wall_now, self._next_recheck - now))
         return step
 
+    def left(self, now: float) -> float | None:
+        """Seconds until the wait's timeout (None: no timeout); what any Redis command it sends may take."""
+        return None if self._deadline is None else max(0.0, self._deadline - now)
+
     def finish(self) -> list[tuple[Any, Any]]:
         """Outcomes not handed out yet, then ``JobTimeoutError`` for every job still unfinished."""
         leftovers, self._ready = self._ready, []
@@ -181,6 +185,10 @@ class StreamCursor:
 
     def timed_out(self, now: float) -> bool:
         return self._piece_deadline is not None and now >= self._piece_deadline
+
+    def left(self, now: float) -> float | None:
+        """Seconds until the wait for the next piece times out (None: no timeout)."""
+        return None if self._piece_deadline is None else max(0.0, self._piece_deadline - now)
 
     def timeout_error(self) -> JobTimeoutError:
         return JobTimeoutError(f"no streamed output from job {self.job_id} within {self.timeout} s")

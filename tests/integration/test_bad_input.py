@@ -61,6 +61,7 @@ WIRE_CASES = {
     "keyword arguments": ([], {"texts": ["a"]}, ErrorCode.INVALID_INPUT),
     "not an object": (["texts"], {}, ErrorCode.INVALID_INPUT),
     "future protocol": ([{"v": 99, "texts": ["a"]}], {}, ErrorCode.UNSUPPORTED_PROTOCOL),
+    "version as a string": ([{"v": "1", "texts": ["a"]}], {}, ErrorCode.INVALID_INPUT),
 }
 
 

@@ -19,8 +19,9 @@ import pytest
 import redis
 from kombu import Connection, Exchange, Queue
 
-from producer import FleetClient, FleetConnectionError, keys
+from producer import FleetClient, FleetConnectionError, JobTimeoutError, keys
 from producer.settings import FleetSettings
+from tests.support.client_adapters import BlockingAsyncClient
 from tests.support.fleet_processes import WorkerProcess
 from workers.process.embedded_redis import RedisServer
 
@@ -260,6 +261,31 @@ def test_submission_fails_within_a_bound_when_redis_stays_down(aof_redis):
         assert elapsed < 45, f"a submission must fail within a bound, took {elapsed:.1f} s"
         assert raised.value.url == aof_redis.url and "cannot be reached" in str(raised.value)
         # Start it again so the fixture's teardown finds a server to stop.
+        aof_redis.server = RedisServer(aof_redis.port, appendonly=True, directory=aof_redis.directory).start()
+
+
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+def test_waits_end_with_job_timeout_when_redis_goes_away(flavour, aof_redis):
+    _publish_catalog(aof_redis.url)
+    raw = redis.Redis.from_url(aof_redis.url)
+    raw.hset(keys.CATALOG, "tiny-llama", json.dumps({"kind": "generate", "queue": "fleet.generate.tiny-llama"}))
+    raw.close()
+    settings = FleetSettings(redis_url=aof_redis.url, wait_for_worker=True)
+    client = FleetClient(settings=settings) if flavour == "sync" else BlockingAsyncClient(settings)
+    try:
+        queued = client.embed(["nobody computes this"])
+        streaming = client.generate("Once", model="tiny-llama", stream=True)
+        client.gather([queued], timeout=0.1, return_exceptions=True)  # the result subscription is up
+        aof_redis.server.process.kill()
+        aof_redis.server.process.wait(30)
+        with pytest.raises(JobTimeoutError):
+            queued.result(timeout=3)
+        [(_, outcome)] = list(client.as_completed([queued], timeout=3))
+        assert isinstance(outcome, JobTimeoutError)
+        with pytest.raises(JobTimeoutError):
+            list(streaming.stream(timeout=3))
+    finally:
+        client.close()
         aof_redis.server = RedisServer(aof_redis.port, appendonly=True, directory=aof_redis.directory).start()
 
 

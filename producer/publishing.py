@@ -5,7 +5,8 @@ publishing thread (kombu, which builds and sends Celery's messages, has no async
 submission, of one job or many, goes through the same steps:
 
 1. **Route**: each model's queue from the catalog (refused: ``UnknownModelError``,
-   ``WrongModelKindError``, ``ModelUnavailableError`` when no live worker serves it).
+   ``WrongModelKindError``, ``ModelUnavailableError`` when no live worker serves it); a training
+   job's ``register_as`` must not name a model the fleet already has.
 2. **Admit**: room in each queue (``QueueFullError``), from a depth estimate (``core/depth.py``).
 3. **Record**: the job records and pending entries, in one round trip. When the caller chose job
    ids or gave an idempotency key, one atomic script per chunk of jobs first checks every chosen
@@ -131,6 +132,8 @@ class Publisher:
     def _queues(self, kind: str, requests: Sequence[BaseModel], options: SubmitOptions) -> list[str]:
         queue = fixed_queue(kind)
         if queue is not None:
+            for request in requests:
+                self._refuse_taken_name(getattr(request, "register_as", None))
             return [queue] * len(requests)
         wait = self.settings.wait_for_worker if options.wait_for_worker is None else options.wait_for_worker
         by_model = {model: self._queue_for(ModelKind(kind), model, wait)
@@ -145,6 +148,13 @@ class Publisher:
         except (InvalidRequestError, ModelUnavailableError):  # perhaps a stale view: look again, once
             self._refresh_catalog()
         return self._catalog.resolve(kind, model, wait_for_worker=wait_for_worker, wall_now=time.time())
+
+    def _refuse_taken_name(self, name: str | None) -> None:
+        """A training job may not register its model under a name the fleet already has."""
+        if name is None:
+            return
+        self._refresh_catalog()
+        self._catalog.refuse_taken_name(name, trained=bool(self._redis.hexists(keys.TRAINED_MODELS, name)))
 
     def _refresh_catalog(self) -> None:
         """Read ``fleet:catalog`` and every live heartbeat (two round trips)."""

@@ -76,6 +76,14 @@ class Catalog:
     def load(self, entries: dict[str, CatalogEntry], live: set[str], now: float) -> None:
         self.entries, self.live, self._loaded_at = entries, live, now
 
+    def refuse_taken_name(self, name: str, trained: bool) -> None:
+        """Refuse ``register_as=name`` when the fleet already has a model of that name (``trained``: one
+        registered by an earlier training job): the new model would never be served under it."""
+        if name in self.entries or trained:
+            raise InvalidRequestError(f"register_as {name!r}: the fleet already has a model of that name; "
+                                      "choose another", [{"loc": ["register_as"], "msg": "name taken",
+                                                          "type": "value_error"}])
+
     def view(self) -> dict[str, CatalogEntry]:
         """Every model, with ``live`` set."""
         return {name: replace(entry, live=name in self.live) for name, entry in sorted(self.entries.items())}

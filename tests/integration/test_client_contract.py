@@ -307,6 +307,17 @@ def test_a_model_no_live_worker_serves_is_refused_unless_the_caller_waits(fleet,
     assert models["minilm"].live and time.time() - models["minilm"].last_seen < 60  # the worker's heartbeat
 
 
+def test_a_training_job_may_not_register_a_name_the_fleet_already_has(fleet, redis_client):
+    taken = unique_name("trained")
+    redis_client.hset(keys.TRAINED_MODELS, taken, json.dumps({"name": taken, "kind": "classify"}))
+    before = queue_depth(redis_client, "fleet.training")
+    for name in ("minilm", taken):  # served by a worker; registered by an earlier training job
+        with pytest.raises(InvalidRequestError, match=f"register_as '{name}'"):
+            fleet.train("mlp", register_as=name)
+    assert queue_depth(redis_client, "fleet.training") == before
+    redis_client.hdel(keys.TRAINED_MODELS, taken)
+
+
 # --- streams and waits end ---------------------------------------------------------------------------------
 
 

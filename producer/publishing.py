@@ -26,6 +26,7 @@ once Redis is back, as for any job whose message was lost.)
 from __future__ import annotations
 
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -108,8 +109,9 @@ class Publisher:
         with redis_errors(self.settings.redis_url):
             queues = self._queues(kind, requests, options)
             plans = plan_jobs(kind, requests, queues, options, self.prefix, time.time())
-            for queue in dict.fromkeys(queues):
-                self._wait_for_room(queue, queues.count(queue), options.block_s)
+            per_queue = Counter(queues)
+            for queue, count in per_queue.items():
+                self._wait_for_room(queue, count, options.block_s)
             if any(plan.chosen_id or plan.idempotency_key for plan in plans):
                 existing = self._claim_all(plans)
                 if existing is not None:
@@ -117,8 +119,8 @@ class Publisher:
             else:
                 self._record(plans)
         self._send(plans)
-        for queue in dict.fromkeys(queues):
-            self._depths.record_added(queue, queues.count(queue))
+        for queue, count in per_queue.items():
+            self._depths.record_added(queue, count)
         return [Submitted(plan.job_id, plan) for plan in plans]
 
     def models(self) -> dict[str, CatalogEntry]:

@@ -260,10 +260,8 @@ class AsyncFleetClient:
                 wait.accept_read(await self._within(wait.left(time.monotonic()), [], self._read_results(step.read)))
                 if step.done:
                     break
-                try:
-                    wait.accept(*await asyncio.wait_for(inbox.get(), step.pause))
-                except asyncio.TimeoutError:
-                    pass
+                for job_id, meta in await _take(inbox, step.pause):
+                    wait.accept(job_id, meta)
         finally:
             await self._listener.unsubscribe(self._router.unwatch(wait.handles, deliver))
         for item in wait.finish():
@@ -350,6 +348,15 @@ class AsyncFleetClient:
 
     async def _in_publisher_thread(self, function: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
+
+
+async def _take(inbox: asyncio.Queue[tuple[str, Any]], timeout: float) -> list[tuple[str, Any]]:
+    """What the inbox holds, once it holds anything (waiting up to ``timeout`` seconds for the first)."""
+    try:
+        first = await asyncio.wait_for(inbox.get(), timeout)
+    except asyncio.TimeoutError:
+        return []
+    return [first, *(inbox.get_nowait() for _ in range(inbox.qsize()))]
 
 
 class _BatchedReads:

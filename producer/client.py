@@ -284,10 +284,8 @@ class FleetClient:
                 wait.accept_read(self._read_results(step.read))
                 if step.done:
                     break
-                try:
-                    wait.accept(*inbox.get(timeout=step.pause))
-                except queue.Empty:
-                    pass
+                for job_id, meta in _take(inbox, step.pause):
+                    wait.accept(job_id, meta)
         finally:
             self._listener.unsubscribe(self._router.unwatch(wait.handles, deliver))
         yield from wait.finish()
@@ -363,6 +361,19 @@ class FleetClient:
         self._settle(handle.id, REASON_CANCELLED)
         with redis_errors(self.settings.redis_url):
             self._publisher.app.control.revoke(handle.id)
+
+
+def _take(inbox: queue.SimpleQueue[tuple[str, Any]], timeout: float) -> list[tuple[str, Any]]:
+    """What the inbox holds, once it holds anything (blocking up to ``timeout`` seconds for the first)."""
+    try:
+        items = [inbox.get(timeout=timeout)]
+    except queue.Empty:
+        return []
+    while True:
+        try:
+            items.append(inbox.get_nowait())
+        except queue.Empty:
+            return items
 
 
 class _Listener:

@@ -72,7 +72,9 @@ class Wait:
         self.pending = set(self.handles)
         self._deadline = None if timeout is None else now + timeout
         self._next_recheck = now + RECHECK_S
-        self._settled: set[str] = set()
+        #: Pending jobs with a deadline not yet marked: job id -> deadline (UNIX s).
+        self._expiring = {job_id: infos[job_id].expires_at for job_id in self.handles
+                          if infos[job_id].expires_at is not None}
         self._ready: list[tuple[Any, Any]] = []
 
     def waits(self) -> list[tuple[str, Coverage | None]]:
@@ -84,6 +86,7 @@ class Wait:
         if meta is None or not meta.ready or job_id not in self.pending:
             return
         self.pending.discard(job_id)
+        self._expiring.pop(job_id, None)
         self._ready.append((self.handles[job_id], outcome(job_id, meta, self.infos[job_id].kind)))
 
     def accept_read(self, pairs: Iterable[tuple[str, bytes | None]]) -> None:
@@ -95,16 +98,15 @@ class Wait:
         """The next thing to do (``wall_now``: UNIX time; ``now``: monotonic time, the clock of ``timeout``)."""
         step = Step(emit=self._ready)
         self._ready = []
-        step.settle = [job_id for job_id in self.pending if self._expiry_due(job_id, wall_now)]
-        self._settled.update(step.settle)
+        step.settle = [job_id for job_id, expires_at in self._expiring.items() if wall_now >= expires_at]
+        for job_id in step.settle:  # marked once: if a worker started it meanwhile, its outcome comes later
+            del self._expiring[job_id]
         if self.pending and now >= self._next_recheck:
             step.read = sorted(self.pending)
             self._next_recheck = now + RECHECK_S
         left = math.inf if self._deadline is None else self._deadline - now
         step.done = not self.pending or left <= 0
-        next_expiry = min((self.infos[job_id].expires_at for job_id in self.pending
-                           if job_id not in self._settled and self.infos[job_id].expires_at is not None),
-                          default=math.inf)
+        next_expiry = min(self._expiring.values(), default=math.inf)
         step.pause = max(0.0, min(left, next_expiry - wall_now, self._next_recheck - now))
         return step
 
@@ -119,10 +121,6 @@ class Wait:
                      for job_id in sorted(self.pending)]
         self.pending.clear()
         return leftovers + timed_out
-
-    def _expiry_due(self, job_id: str, wall_now: float) -> bool:
-        expires_at = self.infos[job_id].expires_at
-        return job_id not in self._settled and expires_at is not None and wall_now >= expires_at
 
 
 def raise_or_return(pairs: list[tuple[Any, Any]]) -> Any:

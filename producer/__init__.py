@@ -42,7 +42,8 @@ __all__ = [
     "FleetClient", "JobHandle", "AsyncFleetClient", "AsyncJobHandle",
     "EmbedResult", "ClassifyResult", "GenerateResult", "TrainProgress", "TrainResult", "ErrorCode", "JobError",
     "JobStatus",
-    "FleetError", "FleetRedisError", "RedisCommandError", "InvalidRequestError", "UnknownModelError", "WrongModelKindError", "IdempotencyConflictError",
+    "FleetError", "FleetRedisError", "RedisCommandError", "InvalidRequestError", "UnknownModelError",
+    "WrongModelKindError", "IdempotencyConflictError",
     "JobIdConflictError", "ModelUnavailableError", "QueueFullError", "JobFailedError", "JobCancelledError",
     "JobExpiredError", "JobTimeoutError", "FleetConnectionError", "RedisURLError",
     # aliases of the first release's names (producer/errors.py)

@@ -5,9 +5,10 @@ the asyncio I/O; what each call means is ``producer/core/``, shared with ``Fleet
 
 * Waiting uses ``redis.asyncio``. Results arrive on the client's one pattern subscription
   (started at its first wait), read by one background task; from then on ``await handle.result()``
-  for a job this client submitted sends no Redis command. Every other command (reads of results the push may have missed, status, streams)
-  takes one of ``FLEET_ASYNC_MAX_CONNECTIONS`` connection slots, and concurrent result reads in
-  one loop turn go out as one MGET: thousands of concurrent waits share a few connections.
+  for a job this client submitted sends no Redis command. Every other command (reads of results
+  the push may have missed, status, streams) takes one of ``FLEET_ASYNC_MAX_CONNECTIONS``
+  connection slots, and concurrent result reads in one loop turn go out as one MGET: thousands of
+  concurrent waits share a few connections.
 * Publishing goes through ``producer/publishing.py`` (kombu, which is synchronous) on one
   dedicated thread, so the loop never waits on a socket.
 
@@ -19,20 +20,21 @@ from __future__ import annotations
 import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Sequence, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Sequence, TypeVar, cast
 
 from pydantic import BaseModel
 
 from producer import keys, telemetry
 from producer.celery_config import PRIORITY_DEFAULT
-from producer.contract import JobStatus, ModelKind, TrainProgress
+from producer.contract import GenerateResult, JobStatus, ModelKind, TrainProgress
 from producer.contract.inference import EmbedEncoding
 from producer.core.catalog import CatalogEntry
 from producer.core.jobs import connection_name, new_client_prefix, result_key
 from producer.core.options import SubmitOptions, parse_options
 from producer.core.requests import TRAIN_KIND, build_many, build_request, check_kind
 from producer.core.requests import classify_fields, embed_fields, train_fields
-from producer.core.results import REASON_CANCELLED, REASON_EXPIRED, decode_meta, progress_of, status_of, unstarted_marker
+from producer.core.results import REASON_CANCELLED, REASON_EXPIRED, decode_meta, progress_of, status_of
+from producer.core.results import unstarted_marker
 from producer.core.router import ResultRouter
 from producer.core.waits import RECORD_FIELDS, JobInfo, StreamCursor, Wait, ordered_outcomes, raise_or_return
 from producer.errors import FleetRedisError
@@ -104,7 +106,7 @@ class AsyncJobHandle:
         """
         info = await self.info()
         if not info.streams:
-            yield (await self.result(timeout=timeout)).text  # not a streaming job: the whole text
+            yield cast(GenerateResult, await self.result(timeout=timeout)).text  # not streaming: the whole text
             return
         cursor = StreamCursor(self.id, info, timeout, time.monotonic())
         within = self._client._within
@@ -237,7 +239,7 @@ class AsyncFleetClient:
         """Yield ``(handle, outcome)`` as each job finishes, each exactly once (``JobTimeoutError`` at the end)."""
         handles = list(handles)
         await self._describe([handle for handle in handles if handle._info is None])
-        wait = Wait(handles, {handle.id: handle._info for handle in handles}, timeout, time.monotonic())
+        wait = Wait(handles, {handle.id: handle._info or JobInfo() for handle in handles}, timeout, time.monotonic())
         inbox: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
 
         def deliver(job_id: str, meta: Any) -> None:
@@ -246,8 +248,8 @@ class AsyncFleetClient:
         await self._listener.ensure_started()
         plan = self._router.watch(wait.waits(), deliver)
         try:
-            for item in plan.ready:
-                wait.accept(*item)
+            for job_id, meta in plan.ready:
+                wait.accept(job_id, meta)
             await self._listener.subscribe(plan.subscribe)
             wait.accept_read(await self._within(wait.left(time.monotonic()), [], self._read_results(plan.read_now)))
             while True:
@@ -450,7 +452,8 @@ class _AsyncListener:
         try:
             async with self._lock:
                 for start in range(0, len(job_ids), CHUNK):
-                    await getattr(self._pubsub, command)(*(result_key(job_id) for job_id in job_ids[start:start + CHUNK]))
+                    channels = [result_key(job_id) for job_id in job_ids[start:start + CHUNK]]
+                    await getattr(self._pubsub, command)(*channels)
         except Exception:  # noqa: BLE001 - the connection is being re-established; redis-py subscribes again
             pass
 
@@ -483,4 +486,5 @@ class _AsyncListener:
         elif kind == "psubscribe":
             self._router.on_read(await self._client._read_results(self._router.on_pattern_confirmed()))
         elif kind == "subscribe":
-            self._router.on_read(await self._client._read_results(self._router.on_channel_confirmed(message["channel"])))
+            job_ids = self._router.on_channel_confirmed(message["channel"])
+            self._router.on_read(await self._client._read_results(job_ids))

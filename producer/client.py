@@ -13,7 +13,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence, cast
 
 import redis
 from celery import Celery
@@ -21,14 +21,15 @@ from pydantic import BaseModel
 
 from producer import keys, telemetry
 from producer.celery_config import PRIORITY_DEFAULT, celery_config
-from producer.contract import JobStatus, ModelKind, TrainProgress
+from producer.contract import GenerateResult, JobStatus, ModelKind, TrainProgress
 from producer.contract.inference import EmbedEncoding
 from producer.core.catalog import CatalogEntry
 from producer.core.jobs import connection_name, new_client_prefix, result_key
 from producer.core.options import SubmitOptions, parse_options
 from producer.core.requests import TRAIN_KIND, build_many, build_request, check_kind
 from producer.core.requests import classify_fields, embed_fields, train_fields, validate_request
-from producer.core.results import REASON_CANCELLED, REASON_EXPIRED, decode_meta, progress_of, status_of, unstarted_marker
+from producer.core.results import REASON_CANCELLED, REASON_EXPIRED, decode_meta, progress_of, status_of
+from producer.core.results import unstarted_marker
 from producer.core.router import ResultRouter
 from producer.core.waits import RECORD_FIELDS, JobInfo, StreamCursor, Wait, ordered_outcomes, raise_or_return
 from producer.errors import FleetRedisError
@@ -105,7 +106,7 @@ class JobHandle:
         """
         info = self.info()
         if not info.streams:
-            yield self.result(timeout=timeout).text  # not a streaming job: the whole text at once
+            yield cast(GenerateResult, self.result(timeout=timeout)).text  # not streaming: the whole text at once
             return
         cursor = StreamCursor(self.id, info, timeout, time.monotonic())
         while not cursor.ended:
@@ -263,7 +264,7 @@ class FleetClient:
         """
         handles = list(handles)
         self._describe([handle for handle in handles if handle._info is None])
-        wait = Wait(handles, {handle.id: handle._info for handle in handles}, timeout, time.monotonic())
+        wait = Wait(handles, {handle.id: handle._info or JobInfo() for handle in handles}, timeout, time.monotonic())
         inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
 
         def deliver(job_id: str, meta: Any) -> None:
@@ -304,7 +305,7 @@ class FleetClient:
 
     def _read_results(self, job_ids: list[str]) -> list[tuple[str, bytes | None]]:
         """The stored results of ``job_ids`` (MGET in chunks); none on a Redis error (the wait goes on)."""
-        pairs: list[tuple[str, bytes | None]] = []
+        pairs: list[tuple[str, Any]] = []
         try:
             for start in range(0, len(job_ids), MGET_CHUNK):
                 chunk = job_ids[start:start + MGET_CHUNK]
@@ -316,7 +317,7 @@ class FleetClient:
     def _read_stream(self, job_id: str, last_id: str, block_ms: int) -> list[Any]:
         """The next entries of a token stream; none on a Redis error (after ``block_ms``: the wait goes on)."""
         try:
-            reply = self._listener.redis.xread({keys.token_stream(job_id): last_id}, count=64, block=block_ms)
+            reply: Any = self._listener.redis.xread({keys.token_stream(job_id): last_id}, count=64, block=block_ms)
         except redis.RedisError:
             time.sleep(block_ms / 1000)
             return []
@@ -461,4 +462,5 @@ class _Listener:
     def _read(self, job_ids: list[str]) -> None:
         for start in range(0, len(job_ids), MGET_CHUNK):
             chunk = job_ids[start:start + MGET_CHUNK]
-            self._router.on_read(zip(chunk, self.redis.mget([result_key(job_id) for job_id in chunk])))
+            values: list[Any] = self.redis.mget([result_key(job_id) for job_id in chunk])
+            self._router.on_read(zip(chunk, values))

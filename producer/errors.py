@@ -138,10 +138,7 @@ class JobFailedError(FleetError):
         super().__init__(code, message, details or {})
         self.error = JobError(code=ErrorCode(code) if code in ErrorCode._value2member_map_ else ErrorCode.INTERNAL,
                               message=message, details=details or {})
-
-    @property  # type: ignore[override]
-    def code(self) -> ErrorCode:
-        return self.error.code
+        self.code = self.error.code
 
     def __str__(self) -> str:
         return f"[{self.error.code.value}] {self.error.message}"

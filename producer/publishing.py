@@ -18,9 +18,9 @@ submission, of one job or many, goes through the same steps:
 If sending fails, the jobs whose messages were not certainly sent are released: records and
 pending entries removed (so the delivery sweeper never re-sends a job its caller was told had
 failed) and the idempotency key unbound; the caller gets ``FleetConnectionError`` (or
-``RedisCommandError``) whose ``sent_job_ids`` lists the jobs that were sent all the same. (When Redis itself is unreachable
-the release cannot run either: those jobs stay recorded and the delivery sweeper may send them
-once Redis is back, as for any job whose message was lost.)
+``RedisCommandError``) whose ``sent_job_ids`` lists the jobs that were sent all the same. (When
+Redis itself is unreachable the release cannot run either: those jobs stay recorded and the
+delivery sweeper may send them once Redis is back, as for any job whose message was lost.)
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import redis
 from celery import Celery
@@ -96,7 +96,8 @@ class Publisher:
         # Results are followed through the client's own subscription; a backend here would make
         # send_task subscribe this process to every job's channel in Celery's result consumer.
         config.pop("result_backend", None)
-        config["broker_transport_options"] = {**config["broker_transport_options"], "client_name": connection_name(prefix)}
+        config["broker_transport_options"] = {**config["broker_transport_options"],
+                                              "client_name": connection_name(prefix)}
         self.app.conf.update(config)
 
     def close(self) -> None:
@@ -138,9 +139,9 @@ class Publisher:
                 self._refuse_taken_name(getattr(request, "register_as", None))
             return [queue] * len(requests)
         wait = self.settings.wait_for_worker if options.wait_for_worker is None else options.wait_for_worker
-        by_model = {model: self._queue_for(ModelKind(kind), model, wait)
-                    for model in dict.fromkeys(request.model for request in requests)}
-        return [by_model[request.model] for request in requests]
+        models = [str(getattr(request, "model", "")) for request in requests]  # inference requests all have one
+        by_model = {model: self._queue_for(ModelKind(kind), model, wait) for model in dict.fromkeys(models)}
+        return [by_model[model] for model in models]
 
     def _queue_for(self, kind: ModelKind, model: str, wait_for_worker: bool) -> str:
         if self._catalog.stale(time.monotonic()):
@@ -219,8 +220,8 @@ class Publisher:
         if word == "same":
             return job_id
         if word == "idempotency_conflict":
-            raise IdempotencyConflictError(plans[0].idempotency_key or "", job_id)
-        raise JobIdConflictError(job_id)
+            raise IdempotencyConflictError(plans[0].idempotency_key or "", job_id or "")
+        raise JobIdConflictError(job_id or "")
 
     def _send(self, plans: list[JobPlan]) -> None:
         """Send the task messages; on failure release the jobs not certainly sent, then raise."""
@@ -232,7 +233,7 @@ class Publisher:
                         declared: set[str] = set()
                         for index, plan in enumerate(plans, 1):
                             # Declare each queue once per call (kombu would re-check it for every message).
-                            declare = [] if plan.queue in declared else None
+                            declare: list[Any] | None = [] if plan.queue in declared else None
                             declared.add(plan.queue)
                             self.app.send_task(plan.task, args=[plan.payload()], task_id=plan.job_id,
                                                queue=plan.queue, priority=plan.priority, producer=producer,

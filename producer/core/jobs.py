@@ -110,7 +110,7 @@ class JobPlan:
     def fingerprint(self) -> str:
         return request_fingerprint(self.kind, self.request)
 
-    def record(self, submitted_at: float) -> dict[str, Any]:
+    def record(self, submitted_at: float) -> dict[str, str | int | float]:
         """The ``keys.job_record`` hash written for the job.
 
         ``task``, ``priority``, ``expires`` and ``request`` let the delivery sweeper send the job again

@@ -73,8 +73,8 @@ class Wait:
         self._deadline = None if timeout is None else now + timeout
         self._next_recheck = now + RECHECK_S
         #: Pending jobs with a deadline not yet marked: job id -> deadline (UNIX s).
-        self._expiring = {job_id: infos[job_id].expires_at for job_id in self.handles
-                          if infos[job_id].expires_at is not None}
+        self._expiring: dict[str, float] = {job_id: expires_at for job_id in self.handles
+                                            if (expires_at := infos[job_id].expires_at) is not None}
         self._ready: list[tuple[Any, Any]] = []
 
     def waits(self) -> list[tuple[str, Coverage | None]]:

@@ -59,7 +59,8 @@ def connect(request, redis_url):
 
     def connect(url: str | None = None, **settings):
         fleet_settings = FleetSettings(redis_url=url or redis_url, **settings)
-        client = FleetClient(settings=fleet_settings) if request.param == "sync" else BlockingAsyncClient(fleet_settings)
+        client = (FleetClient(settings=fleet_settings) if request.param == "sync"
+                  else BlockingAsyncClient(fleet_settings))
         opened.append(client)
         return client
 
@@ -125,8 +126,9 @@ def test_every_stored_state_reads_the_same(fleet, raw_app):
 
 
 def test_outcomes_of_jobs_sent_by_a_plain_celery_client(fleet, raw_app):
-    done = raw_app.send_task("fleet.embed", args=[{"texts": ["typed by its shape"]}], queue=inference_queue("embed", "minilm"))
-    failed = raw_app.send_task("fleet.embed", args=[{"texts": []}], queue=inference_queue("embed", "minilm"))
+    queue = inference_queue("embed", "minilm")
+    done = raw_app.send_task("fleet.embed", args=[{"texts": ["typed by its shape"]}], queue=queue)
+    failed = raw_app.send_task("fleet.embed", args=[{"texts": []}], queue=queue)
     result = fleet.job(done.id).result(timeout=120)
     assert isinstance(result, EmbedResult) and result.dim == 384  # no job record: typed from the result itself
     with pytest.raises(JobFailedError) as raised:
@@ -221,7 +223,8 @@ def test_one_job_id_submitted_from_many_threads_is_taken_once(connect, ghost, em
 @pytest.fixture(scope="module")
 def no_lpush_redis():
     """A Redis whose ``publisher`` user may do everything Fleet does except push messages onto lists."""
-    server = AuthRedisServer("admin-Pw-2c81", acl_users=[("publisher", "pub-Pw-5d0e", "~* &* +@all -@dangerous -lpush")])
+    server = AuthRedisServer("admin-Pw-2c81",
+                             acl_users=[("publisher", "pub-Pw-5d0e", "~* &* +@all -@dangerous -lpush")])
     server.start()
     yield server
     server.stop()

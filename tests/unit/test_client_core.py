@@ -200,7 +200,8 @@ def test_the_catalog_refuses_unknown_wrong_kind_and_unserved_models():
            b"topics": json.dumps({"kind": "classify", "queue": "fleet.classify.topics"}).encode(), b"bad": b"{"}
     heartbeats = [json.dumps({"models": ["topics"]}).encode(), None]
     catalog.load(parse_catalog(raw), live_models(heartbeats), now=0.0)
-    assert catalog.resolve(ModelKind.CLASSIFY, "topics", wait_for_worker=False, wall_now=60.0) == "fleet.classify.topics"
+    queue = catalog.resolve(ModelKind.CLASSIFY, "topics", wait_for_worker=False, wall_now=60.0)
+    assert queue == "fleet.classify.topics"
     with pytest.raises(ModelUnavailableError, match="10 s ago") as raised:
         catalog.resolve(ModelKind.EMBED, "minilm", wait_for_worker=False, wall_now=60.0)
     assert raised.value.last_seen == 50.0

@@ -113,13 +113,14 @@ class JobPlan:
     def record(self, submitted_at: float) -> dict[str, str | int | float]:
         """The ``keys.job_record`` hash written for the job.
 
-        ``task``, ``priority``, ``expires`` and ``request`` let the delivery sweeper send the job again
-        if its message is lost on the way to a worker; the worker drops ``request`` when the job starts.
+        ``task``, ``priority``, ``expires``, ``result_ttl_s`` and ``request`` let the delivery sweeper send
+        the job again if its message is lost on the way to a worker; the worker drops ``request`` when
+        the job starts.
         """
         return {"kind": self.kind, "model": getattr(self.request, "model", ""), "queue": self.queue,
                 "submitted_at": submitted_at, "stream": "1" if self.streams else "0", "task": self.task,
                 "priority": self.priority, "expires": self.expires.isoformat() if self.expires else "",
-                "request": self.request.model_dump_json()}
+                "result_ttl_s": self.result_ttl_s or "", "request": self.request.model_dump_json()}
 
 
 def plan_jobs(kind: str, requests: Sequence[BaseModel], queues: Sequence[str], options: SubmitOptions,

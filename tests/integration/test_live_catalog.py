@@ -9,6 +9,7 @@ import subprocess
 import pytest
 
 from producer import FleetClient, ModelUnavailableError
+from producer.settings import FleetSettings
 from tests.support.fleet_processes import WorkerProcess, fleet_executable
 
 pytestmark = pytest.mark.integration
@@ -24,7 +25,8 @@ def _status(url: str) -> str:
 def test_a_model_whose_workers_stopped_is_refused_flagged_and_served_again(private_redis):
     args = ("--device", "cpu", "--models", "minilm")
     first = WorkerProcess(private_redis.url, *args, name="catalog-first").wait_ready()
-    with FleetClient(private_redis.url) as client:
+    # No cached view of the live workers: the refusal right after the stop is what is under test.
+    with FleetClient(settings=FleetSettings(redis_url=private_redis.url, catalog_cache_s=0)) as client:
         try:
             assert client.embed(["served"]).result(timeout=120).dim == 384
             assert "warning" not in _status(private_redis.url)

@@ -52,6 +52,7 @@ from bench.costs import PhaseCosts, ProcessTreeCPU
 from bench.loadgen import Load, PhaseResult, ResultStream
 from producer import FleetClient
 from producer.contract import EmbedRequest, ModelKind, inference_queue
+from producer.settings import FleetSettings
 from workers.process.launch import LaunchedWorker
 
 REPO = Path(__file__).resolve().parent.parent
@@ -259,7 +260,8 @@ def run_system(system: str, profile: Profile, redis_url: str, workdir: Path, tex
     phases: list[PhaseResult] = []
     stream = ResultStream(redis_url, check=_check_result)
     stream.start()
-    client = FleetClient(redis_url)
+    # The plain-Celery baselines announce no Fleet heartbeat: their jobs are sent without the live-worker check.
+    client = FleetClient(settings=FleetSettings(redis_url=redis_url, wait_for_worker=system != "fleet"))
     try:
         singles = [EmbedRequest(texts=[t], model=profile.model) for t in texts]
         bulk = [EmbedRequest(texts=[texts[(i * profile.bulk_texts + j) % len(texts)]

@@ -1,15 +1,16 @@
-"""The asyncio producer API: ``AsyncFleetClient``, the same methods as ``FleetClient``, awaitable.
+"""The asyncio producer API: ``AsyncFleetClient``, the calls of ``FleetClient``, awaitable.
 
-For producers inside async web apps: no call blocks the event loop.
+For producers inside async web apps: no call blocks the event loop. This module holds only
+the asyncio I/O; what each call means is ``producer/core/``, shared with ``FleetClient``.
 
-* Waiting for results, status, job records and cancel flags use ``redis.asyncio``. All waits
-  in one client share one pub/sub connection, read by one background task that hands each
-  published result to whoever awaits it; ``await handle.result()`` costs no connection and no
-  polling of its own.
-* Publishing goes through kombu (Celery's message format, routing, priorities and trace
-  hooks), which is synchronous: it runs on one dedicated thread (``run_in_executor``), so the
-  loop never waits on a socket. ``embed_many`` / ``submit_many`` publish many jobs there in
-  pipelined batches, as ``FleetClient.submit_many`` does.
+* Waiting uses ``redis.asyncio``. Results arrive on the client's one pattern subscription
+  (started at its first wait), read by one background task; from then on ``await handle.result()``
+  for a job this client submitted sends no Redis command. Every other command (reads of results
+  the push may have missed, status, streams) takes one of ``FLEET_ASYNC_MAX_CONNECTIONS``
+  connection slots, and concurrent result reads in one loop turn go out as one MGET: thousands of
+  concurrent waits share a few connections.
+* Publishing goes through ``producer/publishing.py`` (kombu, which is synchronous) on one
+  dedicated thread, so the loop never waits on a socket.
 
 Use ``async with AsyncFleetClient(url) as client: ...`` (or ``await client.close()``).
 """
@@ -18,105 +19,123 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar, cast
 
-import redis.asyncio as aioredis
 from pydantic import BaseModel
 
-from producer import keys
-from producer.admission import claim_idempotency_key
+from producer import keys, telemetry
 from producer.celery_config import PRIORITY_DEFAULT
-from producer.client import (
-    MGET_CHUNK,
-    RECHECK_S,
-    SUBMIT_OPTIONS,
-    SUBSCRIBE_CHUNK,
-    FleetClient,
-    ResultCollector,
-    _as_list,
-    validate_request,
-)
-from producer.contract import (
-    CELERY_STATE_TO_STATUS,
-    ClassifyRequest,
-    EmbedRequest,
-    GenerateRequest,
-    JobStatus,
-    ModelKind,
-)
+from producer.contract import GenerateResult, JobStatus, ModelKind, TrainProgress
 from producer.contract.inference import EmbedEncoding
-from producer.errors import FleetError, InvalidRequest, JobTimeout
-from producer.redis_connection import async_redis_client
-from producer.settings import FleetSettings
+from producer.core.catalog import CatalogEntry
+from producer.core.jobs import connection_name, new_client_prefix, result_key
+from producer.core.options import SubmitOptions, parse_options
+from producer.core.requests import (
+    TRAIN_KIND,
+    build_many,
+    build_request,
+    check_kind,
+    classify_fields,
+    embed_fields,
+    train_fields,
+)
+from producer.core.results import (
+    REASON_CANCELLED,
+    REASON_EXPIRED,
+    decode_meta,
+    progress_of,
+    status_of,
+    unstarted_marker,
+)
+from producer.core.router import ResultRouter
+from producer.core.waits import RECORD_FIELDS, JobInfo, StreamCursor, Wait, ordered_outcomes, raise_or_return
+from producer.errors import FleetRedisError
+from producer.publishing import Publisher
+from producer.redis_connection import WAIT_SOCKET_TIMEOUT_S, async_redis_client, redis_client, redis_errors
+from producer.scripts import SETTLE_UNSTARTED, settle_call
+from producer.settings import FleetSettings, client_settings
 
 __all__ = ["AsyncFleetClient", "AsyncJobHandle"]
+
+T = TypeVar("T")
+
+#: How long the client waits for Redis to confirm its result subscription when it first needs it (s).
+SUBSCRIBE_CONFIRM_S = 5.0
+#: The listener task's longest block on its connection (s).
+LISTEN_POLL_S = 1.0
+#: Pause before the listener retries a lost connection (s).
+RECONNECT_PAUSE_S = 0.2
+#: Keys per MGET, channels per SUBSCRIBE.
+CHUNK = 1000
 
 
 class AsyncJobHandle:
     """A submitted job, followed without blocking the event loop."""
 
-    def __init__(self, client: AsyncFleetClient, job_id: str, kind: str | None = None):
+    def __init__(self, client: AsyncFleetClient, job_id: str, info: JobInfo | None = None):
         self._client = client
         self.id = job_id
-        self._kind = kind
+        self._info = info
 
     def __repr__(self) -> str:
-        return f"AsyncJobHandle(id={self.id!r}, kind={self._kind!r})"
+        return f"AsyncJobHandle(id={self.id!r}, kind={self.kind!r})"
 
     @property
     def kind(self) -> str | None:
-        """The job's kind if known locally (always, for handles this client submitted)."""
-        return self._kind
+        """The job's kind if known locally (always, for handles this client submitted; see ``info``)."""
+        return None if self._info is None else self._info.kind
 
-    async def result(self, timeout: float | None = 60.0) -> BaseModel:
-        """Wait up to ``timeout`` seconds (None: forever); return the typed result.
-
-        Raises ``JobFailedError`` (with ``.code``), ``JobCancelled`` or ``JobTimeout`` as
-        ``JobHandle.result`` does.
-        """
-        async for _, outcome in self._client.as_completed([self], timeout):
-            if isinstance(outcome, BaseException):
-                raise outcome
-            return outcome
-        raise JobTimeout(f"job {self.id} did not finish within {timeout} s")  # pragma: no cover
+    async def info(self) -> JobInfo:
+        """What the client knows about the job (read from its job record once, if it was not submitted here)."""
+        if self._info is None:
+            await self._client._describe([self])
+        return self._info  # type: ignore[return-value]
 
     async def status(self) -> JobStatus:
-        """Current status; ``UNKNOWN`` when Redis holds neither a record nor a result for the id."""
-        return await self._client._status(self.id)
+        """Current status; ``UNKNOWN`` when Redis holds neither a record nor a result for the id.
+        A queued job past its deadline is marked ``EXPIRED`` (as ``JobHandle.status``)."""
+        return await self._client._status(self)
+
+    async def result(self, timeout: float | None = 60.0) -> BaseModel:
+        """Wait up to ``timeout`` seconds (None: forever); return the typed result (errors as ``JobHandle.result``)."""
+        return raise_or_return([item async for item in self._client.as_completed([self], timeout)])
 
     async def cancel(self) -> None:
-        """Cancel the job: a queued job never runs, a running one stops at its next safe point."""
-        await self._client._cancel(self.id)
+        """Cancel the job: a queued job never runs (and reports ``CANCELLED`` at once), a running one
+        stops at its next safe point."""
+        await self._client._cancel(self)
+
+    async def progress(self) -> TrainProgress | None:
+        """The latest progress a running training job reported, or None (not started, or not training)."""
+        return progress_of(decode_meta(await self._client._command(self._client._redis.get, result_key(self.id))))
 
     async def stream(self, timeout: float | None = 60.0) -> AsyncIterator[str]:
         """Yield generated text pieces as the worker produces them (``generate(..., stream=True)``).
 
-        Blocking XREAD on the job's Redis stream (no polling); ``timeout`` bounds the wait for
-        each next piece. After the last piece the result is checked, so a failed or cancelled
-        job raises as ``result()`` would.
+        Blocking XREAD on the job's Redis stream (no polling); ``timeout`` bounds the wait for each
+        next piece. After the last piece the result is checked, so a failed, cancelled or expired job
+        raises as ``result()`` would.
         """
-        redis_ = self._client._redis
-        if await redis_.hget(keys.job_record(self.id), "stream") != b"1":
-            yield (await self.result(timeout=timeout)).text  # not a streaming job: the whole text
+        info = await self.info()
+        if not info.streams:
+            yield cast(GenerateResult, await self.result(timeout=timeout)).text  # not streaming: the whole text
             return
-        last_id = "0-0"
-        block_ms = 0 if timeout is None else max(1, int(timeout * 1000))
-        while True:
-            reply = await redis_.xread({keys.token_stream(self.id): last_id}, count=64, block=block_ms)
-            if not reply:
-                if (await self.status()).finished:
-                    await self.result(timeout=0.1)
-                    return
-                raise JobTimeout(f"no streamed output from job {self.id} within {timeout} s")
-            for entry_id, fields in reply[0][1]:
-                last_id = entry_id
-                if b"done" in fields:
-                    await self.result(timeout=timeout)
-                    return
-                yield fields[b"piece"].decode()
+        cursor = StreamCursor(self.id, info, timeout, time.monotonic())
+        within = self._client._within
+        while not cursor.ended:
+            entries = await within(cursor.left(time.monotonic()), [], self._client._read_stream(
+                self.id, cursor.last_id, cursor.block_ms(time.monotonic())))
+            for piece in cursor.feed(entries, time.monotonic()):
+                yield piece
+            if cursor.settle_due(time.time()):
+                await within(cursor.left(time.monotonic()), None, self._client._expire_in_wait(self.id))
+            if not (cursor.ended or entries) and cursor.timed_out(time.monotonic()):
+                if not await within(1.0, False, self._client._finished(self.id)):
+                    raise cursor.timeout_error()
+                break
+        await self.result(timeout=timeout)
 
 
 class AsyncFleetClient:
@@ -127,12 +146,24 @@ class AsyncFleetClient:
     """
 
     def __init__(self, redis_url: str | None = None, *, settings: FleetSettings | None = None):
-        self._sync = FleetClient(redis_url, settings=settings)  # validation, catalog, kombu publishing
-        self.settings = self._sync.settings
-        self._redis = async_redis_client(self.settings)
+        self.settings = settings = client_settings(redis_url, settings)
+        prefix = new_client_prefix()
+        #: The name its Redis connections carry (``CLIENT LIST``): this for publishing, this plus ``-wait``
+        #: for the ``async_max_connections`` command connections and the subscription.
+        self.name = connection_name(prefix)
+        slots = settings.async_max_connections
+        # One connection more than the command slots: the subscription holds its own.
+        self._redis = async_redis_client(settings, max_connections=slots + 1, socket_timeout=WAIT_SOCKET_TIMEOUT_S,
+                                         client_name=f"{self.name}-wait")
+        self._slots = asyncio.Semaphore(slots)
+        self._publisher = Publisher(settings, redis_client(settings, client_name=self.name), prefix)
+        self._router = ResultRouter(prefix)
+        self._reads = _BatchedReads(self)
+        self._listener = _AsyncListener(self, self._router)
+        self._settle_script = self._redis.register_script(SETTLE_UNSTARTED)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fleet-publish")
-        self._results = _ResultRouter(self._redis)
         self._closed = False
+        telemetry.setup_producer()
 
     async def __aenter__(self) -> AsyncFleetClient:
         return self
@@ -141,13 +172,14 @@ class AsyncFleetClient:
         await self.close()
 
     async def close(self) -> None:
-        """Stop the result reader, release Redis connections and the publishing thread."""
+        """Stop the result listener, release Redis connections and the publishing thread."""
         if self._closed:
             return
         self._closed = True
-        await self._results.close()
+        await self._listener.stop()
+        await self._reads.close()
         await self._redis.aclose()
-        await self._in_publisher_thread(self._sync.close)
+        await self._in_publisher_thread(self._publisher.close)
         self._executor.shutdown(wait=False)
 
     # --- submitting ---------------------------------------------------------------------
@@ -155,76 +187,58 @@ class AsyncFleetClient:
     async def embed(self, texts: Sequence[str], model: str = "minilm", *, normalize: bool = True,
                     encoding: EmbedEncoding = "float", priority: int = PRIORITY_DEFAULT,
                     **options: Any) -> AsyncJobHandle:
-        """Submit an embedding job for ``texts``; see ``EmbedRequest`` for limits.
-
-        ``encoding`` (``"float"`` or ``"base64"``) and ``options`` (``deadline_s``, ``idempotency_key``,
-        ``block_s``) as for ``FleetClient.embed``.
-        """
-        request = validate_request(EmbedRequest, {"texts": _as_list(texts), "model": model, "normalize": normalize,
-                                                  "encoding": encoding})
-        return await self._submit_one(ModelKind.EMBED, request, priority, **options)
+        """Submit an embedding job for ``texts`` (as ``FleetClient.embed``)."""
+        return await self._submit_one(ModelKind.EMBED.value, embed_fields(texts, model, normalize, encoding),
+                                      {"priority": priority, **options})
 
     async def classify(self, texts: Sequence[str] | None = None, model: str | None = None, *,
                        inputs: Sequence[Sequence[float]] | None = None, top_k: int = 1,
                        priority: int = PRIORITY_DEFAULT, **options: Any) -> AsyncJobHandle:
         """Submit a classification job for ``texts`` or ``inputs`` (as ``FleetClient.classify``)."""
-        fields: dict[str, Any] = {"model": model, "top_k": top_k}
-        if texts is not None:
-            fields["texts"] = _as_list(texts)
-        if inputs is not None:
-            fields["inputs"] = [list(vector) for vector in inputs]
-        request = validate_request(ClassifyRequest, fields)
-        return await self._submit_one(ModelKind.CLASSIFY, request, priority, **options)
+        return await self._submit_one(ModelKind.CLASSIFY.value, classify_fields(texts, model, inputs, top_k),
+                                      {"priority": priority, **options})
 
     async def generate(self, prompt: str, model: str, *, priority: int = PRIORITY_DEFAULT,
-                       **options: Any) -> AsyncJobHandle:
-        """Submit a generation job; ``options`` are ``GenerateRequest`` fields (max_new_tokens, ...)
-        plus the submission options ``deadline_s``, ``idempotency_key``, ``block_s``."""
-        submit = {name: options.pop(name) for name in SUBMIT_OPTIONS if name in options}
-        request = validate_request(GenerateRequest, {"prompt": prompt, "model": model, **options})
-        return await self._submit_one(ModelKind.GENERATE, request, priority, **submit)
+                       **fields: Any) -> AsyncJobHandle:
+        """Submit a generation job (as ``FleetClient.generate``)."""
+        return await self._submit_one(ModelKind.GENERATE.value, {"prompt": prompt, "model": model},
+                                      {"priority": priority, **fields})
 
-    async def _submit_one(self, kind: ModelKind, request: BaseModel, priority: int, *,
-                          deadline_s: float | None = None, idempotency_key: str | None = None,
-                          block_s: float = 0.0) -> AsyncJobHandle:
-        def publish() -> AsyncJobHandle:
-            job_id = str(uuid.uuid4())
-            if idempotency_key is not None:
-                existing = claim_idempotency_key(self._sync._redis, idempotency_key, job_id,
-                                                 self.settings.idempotency_window_s)
-                if existing is not None:
-                    return AsyncJobHandle(self, existing)
-            handle = self._sync.submit_many(kind, [request], priority=priority, deadline_s=deadline_s,
-                                            block_s=block_s, job_ids=[job_id])[0]
-            return AsyncJobHandle(self, handle.id, handle._kind)
-
-        return await self._in_publisher_thread(publish)
+    async def train(self, kind: str, dataset: str | None = None, **fields: Any) -> AsyncJobHandle:
+        """Submit a training job (as ``FleetClient.train``)."""
+        return await self._submit_one(TRAIN_KIND, train_fields(kind, dataset), fields)
 
     async def embed_many(self, texts_per_job: Iterable[Sequence[str]], model: str = "minilm", *,
                          normalize: bool = True, encoding: EmbedEncoding = "float", priority: int = PRIORITY_DEFAULT,
                          **options: Any) -> list[AsyncJobHandle]:
-        """Submit one embedding job per entry of ``texts_per_job``; handles in order (see ``FleetClient``)."""
-        requests = []
-        for index, texts in enumerate(texts_per_job):
-            try:
-                requests.append(validate_request(EmbedRequest, {"texts": _as_list(texts), "model": model,
-                                                                "normalize": normalize, "encoding": encoding}))
-            except InvalidRequest as exc:
-                raise type(exc)(f"job {index}: {exc}", exc.errors) from None
+        """Submit one embedding job per entry of ``texts_per_job``; handles in order (as ``FleetClient``)."""
+        requests = build_many(ModelKind.EMBED.value, texts_per_job,
+                              lambda texts: embed_fields(texts, model, normalize, encoding))
         return await self.submit_many(ModelKind.EMBED, requests, priority=priority, **options)
 
     async def submit_many(self, kind: ModelKind | str, requests: Sequence[BaseModel | dict[str, Any]], *,
                           priority: int = PRIORITY_DEFAULT, **options: Any) -> list[AsyncJobHandle]:
-        """Submit many jobs of one kind in pipelined batches, on the publishing thread; handles in order.
-
-        ``options``: ``deadline_s``, ``block_s`` (as ``FleetClient.submit_many``)."""
-        handles = await self._in_publisher_thread(self._sync.submit_many, kind, list(requests), priority=priority,
-                                                  **options)
-        return [AsyncJobHandle(self, handle.id, handle._kind) for handle in handles]
+        """Submit many jobs of one kind in pipelined batches; handles in order (as ``FleetClient.submit_many``)."""
+        kind = check_kind(kind)
+        checked = build_many(kind, requests)
+        return await self._publish(kind, checked, parse_options({"priority": priority, **options}, bulk=True))
 
     def job(self, job_id: str) -> AsyncJobHandle:
         """The handle of an existing job, e.g. one submitted by another process."""
         return AsyncJobHandle(self, job_id)
+
+    async def models(self) -> dict[str, CatalogEntry]:
+        """The fleet's models (read now), as ``FleetClient.models``."""
+        return await self._in_publisher_thread(self._publisher.models)
+
+    async def _submit_one(self, kind: str, fields: dict[str, Any], extra: dict[str, Any]) -> AsyncJobHandle:
+        request, options = build_request(kind, fields, extra)
+        return (await self._publish(kind, [request], options))[0]
+
+    async def _publish(self, kind: str, requests: list[BaseModel], options: SubmitOptions) -> list[AsyncJobHandle]:
+        coverage = self._router.coverage()  # None until the client first waits: then results are read once
+        submitted = await self._in_publisher_thread(self._publisher.publish, kind, requests, options)
+        return [AsyncJobHandle(self, item.job_id, item.info(coverage)) for item in submitted]
 
     # --- collecting ---------------------------------------------------------------------
 
@@ -232,172 +246,259 @@ class AsyncFleetClient:
                      return_exceptions: bool = False) -> list[Any]:
         """Wait for all ``handles``; typed results in the same order (errors as in ``FleetClient.gather``)."""
         outcomes = {handle.id: outcome async for handle, outcome in self.as_completed(handles, timeout)}
-        ordered = [outcomes[handle.id] for handle in handles]
-        if not return_exceptions:
-            for outcome in ordered:
-                if isinstance(outcome, BaseException):
-                    raise outcome
-        return ordered
+        return ordered_outcomes(handles, outcomes, return_exceptions)
 
     async def as_completed(self, handles: Iterable[AsyncJobHandle], timeout: float | None = 60.0
                            ) -> AsyncIterator[tuple[AsyncJobHandle, Any]]:
-        """Yield ``(handle, outcome)`` as each job finishes, each exactly once (``JobTimeout`` at the deadline)."""
+        """Yield ``(handle, outcome)`` as each job finishes, each exactly once (``JobTimeoutError`` at the end)."""
         handles = list(handles)
-        collector = await asyncio.to_thread(ResultCollector, self._sync, handles) if any(
-            h._kind is None for h in handles) else ResultCollector(self._sync, handles)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        inbox: asyncio.Queue = asyncio.Queue()
-        channels = list(collector.pending)
+        await self._describe([handle for handle in handles if handle._info is None])
+        wait = Wait(handles, {handle.id: handle._info or JobInfo() for handle in handles}, timeout, time.monotonic())
+        inbox: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+
+        def deliver(job_id: str, meta: Any) -> None:
+            inbox.put_nowait((job_id, meta))
+
+        await self._listener.ensure_started()
+        plan = self._router.watch(wait.waits(), deliver)
         try:
-            await self._results.watch(channels, inbox)
-            values = []
-            for start in range(0, len(channels), MGET_CHUNK):
-                values.extend(await self._redis.mget(channels[start:start + MGET_CHUNK]))
-            collector.feed_many(zip(channels, values))
-            for item in collector.drain_ready():
-                yield item
-            while collector.pending:
-                wait = RECHECK_S if deadline is None else min(RECHECK_S, deadline - time.monotonic())
-                if wait <= 0:
-                    break
-                try:
-                    channel, payload = await asyncio.wait_for(inbox.get(), wait)
-                    collector.feed(channel, payload)
-                except TimeoutError:  # safety net: re-read what is still pending, in one MGET
-                    pending = list(collector.pending)
-                    collector.feed_many(zip(pending, await self._redis.mget(pending)))
-                for item in collector.drain_ready():
+            for job_id, meta in plan.ready:
+                wait.accept(job_id, meta)
+            await self._listener.subscribe(plan.subscribe)
+            wait.accept_read(await self._within(wait.left(time.monotonic()), [], self._read_results(plan.read_now)))
+            while True:
+                step = wait.step(time.time(), time.monotonic())
+                for item in step.emit:
                     yield item
+                for job_id in step.settle:
+                    marker = await self._within(wait.left(time.monotonic()), None, self._expire_in_wait(job_id))
+                    wait.accept(job_id, decode_meta(marker))
+                wait.accept_read(await self._within(wait.left(time.monotonic()), [], self._read_results(step.read)))
+                if step.done:
+                    break
+                for job_id, meta in await _take(inbox, step.pause):
+                    wait.accept(job_id, meta)
         finally:
-            await self._results.unwatch(channels, inbox)
-        for item in collector.time_out(timeout):
+            await self._listener.unsubscribe(self._router.unwatch(wait.handles, deliver))
+        for item in wait.finish():
             yield item
 
-    # --- status and control -------------------------------------------------------------
+    # --- Redis I/O ----------------------------------------------------------------------
 
-    async def _status(self, job_id: str) -> JobStatus:
-        key = self._sync.celery.backend.get_key_for_task(job_id)
-        async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.get(key)
-            pipe.exists(keys.job_record(job_id))
-            raw, has_record = await pipe.execute()
-        state = self._sync.celery.backend.decode_result(raw).get("status", "PENDING") if raw else "PENDING"
-        if state == "PENDING" and not has_record:
-            return JobStatus.UNKNOWN
-        return CELERY_STATE_TO_STATUS.get(state, JobStatus.UNKNOWN)
-
-    async def _cancel(self, job_id: str) -> None:
-        await self._redis.set(keys.cancel_flag(job_id), "1", ex=self.settings.result_expires_s)
-        await self._in_publisher_thread(self._sync.celery.control.revoke, job_id)
-
-    async def _in_publisher_thread(self, function, *args, **kwargs):
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, lambda: function(*args, **kwargs))
-
-
-#: How long ``watch`` waits for Redis to confirm its subscriptions before relying on re-reads (s).
-SUBSCRIBE_CONFIRM_S = 2.0
-
-
-class _ResultRouter:
-    """One pub/sub connection per client and one task reading it.
-
-    ``watch(channels, inbox)`` subscribes and returns once Redis has confirmed every
-    subscription (so that a following MGET cannot miss a result published in between);
-    published messages on a channel go to every inbox watching it.
-    """
-
-    def __init__(self, redis_: aioredis.Redis):
-        self._redis = redis_
-        self._pubsub = None
-        self._reader: asyncio.Task | None = None
-        self._watchers: dict[bytes, set[asyncio.Queue]] = {}
-        self._confirmations: dict[bytes, list[asyncio.Future]] = {}
-        self._subscribe_lock = asyncio.Lock()
-
-    async def watch(self, channels: list[bytes], inbox: asyncio.Queue) -> None:
-        if not channels:
-            return
-        loop = asyncio.get_running_loop()
-        if self._pubsub is None:
-            self._pubsub = self._redis.pubsub()
-        waits = []
-        for channel in channels:
-            self._watchers.setdefault(channel, set()).add(inbox)
-            future = loop.create_future()
-            self._confirmations.setdefault(channel, []).append(future)
-            waits.append(future)
-        # One subscriber at a time: redis-py's asyncio PubSub opens its connection on the first
-        # SUBSCRIBE, and concurrent first calls each open one; confirmations and results sent
-        # to all but the last are never read.
-        async with self._subscribe_lock:
-            for start in range(0, len(channels), SUBSCRIBE_CHUNK):
-                await self._pubsub.subscribe(*channels[start:start + SUBSCRIBE_CHUNK])
-        if self._reader is None or self._reader.done():
-            self._reader = asyncio.create_task(self._read(), name="fleet-results")
+    @staticmethod
+    async def _within(seconds: float | None, fallback: T, awaitable: Awaitable[T]) -> T:
+        """What ``awaitable`` gives, or ``fallback`` once ``seconds`` have passed (None: no bound): a Redis
+        command that a wait sends never outlasts the wait (the patient retry rides out up to ~19 s)."""
         try:
-            await asyncio.wait_for(asyncio.gather(*waits), SUBSCRIBE_CONFIRM_S)
+            async with asyncio.timeout(seconds):
+                return await awaitable
         except TimeoutError:
-            # A confirmation that never came must not hang the caller: it goes on with its MGET
-            # and the periodic re-read, which find results whatever pub/sub delivered.
-            for channel, future in zip(channels, waits):
-                waiting = self._confirmations.get(channel)
-                if waiting and future in waiting:
-                    waiting.remove(future)
-                    if not waiting:
-                        del self._confirmations[channel]
+            return fallback
 
-    async def unwatch(self, channels: list[bytes], inbox: asyncio.Queue) -> None:
-        idle = []
-        for channel in channels:
-            inboxes = self._watchers.get(channel)
-            if inboxes is None:
-                continue
-            inboxes.discard(inbox)
-            if not inboxes:
-                del self._watchers[channel]
-                idle.append(channel)
-        if idle and self._pubsub is not None:
-            try:
-                for start in range(0, len(idle), SUBSCRIBE_CHUNK):
-                    await self._pubsub.unsubscribe(*idle[start:start + SUBSCRIBE_CHUNK])
-            except Exception:  # noqa: BLE001 - the connection is gone; nothing left to unsubscribe
-                pass
+    async def _command(self, call: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
+        """One Redis command on one of the client's connection slots."""
+        async with self._slots:
+            with redis_errors(self.settings.redis_url):
+                return await call(*args, **kwargs)
 
-    async def _read(self) -> None:
+    async def _describe(self, handles: list[AsyncJobHandle]) -> None:
+        if not handles:
+            return
+        pipe = self._redis.pipeline(transaction=False)
+        for handle in handles:
+            pipe.hmget(keys.job_record(handle.id), RECORD_FIELDS)
+        for handle, values in zip(handles, await self._command(pipe.execute)):
+            handle._info = JobInfo.from_record(values)
+
+    async def _read_results(self, job_ids: list[str]) -> list[tuple[str, bytes | None]]:
+        """The stored results of ``job_ids``; none on a Redis error (the wait goes on)."""
         try:
-            while True:
-                message = await self._pubsub.get_message(timeout=1.0)
-                if message is None:
-                    continue
-                kind, channel = message["type"], message["channel"]
-                if kind == "subscribe":
-                    waiting = self._confirmations.get(channel)
-                    if waiting:
-                        future = waiting.pop(0)
-                        if not waiting:
-                            del self._confirmations[channel]
-                        if not future.done():
-                            future.set_result(None)
-                elif kind == "message":
-                    for inbox in self._watchers.get(channel, ()):
-                        inbox.put_nowait((channel, message["data"]))
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # hand the failure to everyone waiting on a subscription
-            for waiting in self._confirmations.values():
-                for future in waiting:
-                    if not future.done():
-                        future.set_exception(FleetError(f"result subscription failed: {exc}"))
-            self._confirmations.clear()
-            raise
+            return await self._reads.get(job_ids)
+        except Exception:  # noqa: BLE001 - a wait never fails on Redis: it ends at its timeout
+            return []
+
+    async def _read_stream(self, job_id: str, last_id: str, block_ms: int) -> list[Any]:
+        """The next entries of a token stream; none on a Redis error (after ``block_ms``: the wait goes on)."""
+        try:
+            reply = await self._command(self._redis.xread, {keys.token_stream(job_id): last_id}, count=64,
+                                        block=block_ms)
+        except FleetRedisError:
+            await asyncio.sleep(block_ms / 1000)
+            return []
+        return reply[0][1] if reply else []
+
+    async def _finished(self, job_id: str) -> bool:
+        """Whether a final result is stored for the job (False when Redis does not answer)."""
+        pairs = await self._read_results([job_id])
+        return any(meta is not None and meta.ready for meta in (decode_meta(payload) for _, payload in pairs))
+
+    async def _expire_in_wait(self, job_id: str) -> bytes | None:
+        """``_settle`` a job whose deadline passed while someone waits for it; None when Redis does not answer."""
+        try:
+            return await self._settle(job_id, REASON_EXPIRED)
+        except FleetRedisError:
+            return None
+
+    async def _status(self, handle: AsyncJobHandle) -> JobStatus:
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.get(result_key(handle.id))
+        pipe.hmget(keys.job_record(handle.id), RECORD_FIELDS)
+        raw, record = await self._command(pipe.execute)
+        info = JobInfo.from_record(record)
+        if handle._info is None:
+            handle._info = info
+        meta = decode_meta(raw)
+        if meta is None and info.expires_at is not None and time.time() >= info.expires_at:
+            meta = decode_meta(await self._settle(handle.id, REASON_EXPIRED))
+        return status_of(meta, has_record=info.kind is not None)
+
+    async def _settle(self, job_id: str, reason: str) -> bytes | None:
+        call_keys, args = settle_call(job_id, unstarted_marker(job_id, reason, time.time()),
+                                      self.settings.result_expires_s, reason)
+        return await self._command(self._settle_script, keys=call_keys, args=args)
+
+    async def _cancel(self, handle: AsyncJobHandle) -> None:
+        await self._command(self._redis.set, keys.cancel_flag(handle.id), "1", ex=self.settings.result_expires_s)
+        await self._settle(handle.id, REASON_CANCELLED)
+        await self._in_publisher_thread(self._publisher.app.control.revoke, handle.id)
+
+    async def _in_publisher_thread(self, function: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
+
+
+async def _take(inbox: asyncio.Queue[tuple[str, Any]], timeout: float) -> list[tuple[str, Any]]:
+    """What the inbox holds, once it holds anything (waiting up to ``timeout`` seconds for the first)."""
+    try:
+        first = await asyncio.wait_for(inbox.get(), timeout)
+    except TimeoutError:
+        return []
+    return [first, *(inbox.get_nowait() for _ in range(inbox.qsize()))]
+
+
+class _BatchedReads:
+    """Result reads asked for in one event-loop turn go out together: one MGET per ``CHUNK`` keys."""
+
+    def __init__(self, client: AsyncFleetClient):
+        self._client = client
+        self._wanted: dict[str, list[asyncio.Future[bytes | None]]] = {}
+        self._flush: asyncio.Task[None] | None = None
+        self._running: set[asyncio.Task[None]] = set()
+
+    async def get(self, job_ids: list[str]) -> list[tuple[str, bytes | None]]:
+        if not job_ids:
+            return []
+        loop = asyncio.get_running_loop()
+        futures = []
+        for job_id in job_ids:
+            future: asyncio.Future[bytes | None] = loop.create_future()
+            self._wanted.setdefault(job_id, []).append(future)
+            futures.append(future)
+        if self._flush is None:
+            self._flush = loop.create_task(self._read_all())
+            self._running.add(self._flush)
+            self._flush.add_done_callback(self._running.discard)
+        return list(zip(job_ids, await asyncio.gather(*futures)))
 
     async def close(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
+        """Stop reads still in flight (their waiters are gone or going)."""
+        for task in self._running:
+            task.cancel()
+        await asyncio.gather(*self._running, return_exceptions=True)
+
+    async def _read_all(self) -> None:
+        await asyncio.sleep(0)  # let the other readers of this turn add their keys
+        wanted, self._wanted, self._flush = self._wanted, {}, None
+        job_ids = list(wanted)
+        try:
+            for start in range(0, len(job_ids), CHUNK):
+                chunk = job_ids[start:start + CHUNK]
+                values = await self._client._command(self._client._redis.mget, [result_key(job_id) for job_id in chunk])
+                for job_id, value in zip(chunk, values):
+                    for future in wanted.pop(job_id):
+                        if not future.done():
+                            future.set_result(value)
+        except Exception as exc:  # noqa: BLE001 - every reader still waiting gets the error
+            for futures in wanted.values():
+                for future in futures:
+                    if not future.done():
+                        future.set_exception(exc)
+
+
+class _AsyncListener:
+    """The client's one result subscription, read by one background task that feeds the router."""
+
+    def __init__(self, client: AsyncFleetClient, router: ResultRouter):
+        self._client = client
+        self._router = router
+        self._pubsub: Any = None
+        self._task: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+
+    async def ensure_started(self) -> None:
+        """Subscribe (once) and wait for Redis to confirm, so that nothing published later is missed."""
+        async with self._lock:
+            if self._task is not None:
+                return
+            pubsub = self._client._redis.pubsub()
             try:
-                await self._reader
-            except (asyncio.CancelledError, Exception):  # noqa: BLE001 - closing: what the reader raised no longer matters
+                with redis_errors(self._client.settings.redis_url):
+                    async with asyncio.timeout(SUBSCRIBE_CONFIRM_S):
+                        await pubsub.psubscribe(self._router.pattern)
+                        while (message := await pubsub.get_message(timeout=LISTEN_POLL_S)) is None \
+                                or message["type"] != "psubscribe":
+                            pass
+            except BaseException:
+                await pubsub.aclose()
+                raise
+            self._router.on_pattern_confirmed()
+            self._pubsub = pubsub
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="fleet-results")
+
+    async def subscribe(self, job_ids: list[str]) -> None:
+        await self._write("subscribe", job_ids)
+
+    async def unsubscribe(self, job_ids: list[str]) -> None:
+        await self._write("unsubscribe", job_ids)
+
+    async def _write(self, command: str, job_ids: list[str]) -> None:
+        if not job_ids or self._pubsub is None:
+            return
+        try:
+            async with self._lock:
+                for start in range(0, len(job_ids), CHUNK):
+                    channels = [result_key(job_id) for job_id in job_ids[start:start + CHUNK]]
+                    await getattr(self._pubsub, command)(*channels)
+        except Exception:  # noqa: BLE001 - the connection is being re-established; redis-py subscribes again
+            pass
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except BaseException:  # noqa: BLE001 - cancelled, or ended by a connection error: stopping either way
                 pass
         if self._pubsub is not None:
             await self._pubsub.aclose()
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                message = await self._pubsub.get_message(timeout=LISTEN_POLL_S)
+                if message is not None:
+                    await self._handle(message)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - the connection failed: redis-py reconnects and resubscribes
+                self._router.on_connection_lost()
+                await asyncio.sleep(RECONNECT_PAUSE_S)
+
+    async def _handle(self, message: dict[str, Any]) -> None:
+        kind = message["type"]
+        if kind in ("pmessage", "message"):
+            self._router.on_message(message["channel"], message["data"])
+        elif kind == "psubscribe":
+            self._router.on_read(await self._client._read_results(self._router.on_pattern_confirmed()))
+        elif kind == "subscribe":
+            job_ids = self._router.on_channel_confirmed(message["channel"])
+            self._router.on_read(await self._client._read_results(job_ids))

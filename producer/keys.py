@@ -49,7 +49,8 @@ def crash_record(job_id: str) -> str:
 
 
 def idempotency(key: str) -> str:
-    """String: the job id submitted with this idempotency key (expires with the key's window)."""
+    """String ``"<sha256 of the job's kind and request> <job id>"``: the job first submitted with this
+    idempotency key, and what it asked (expires with the key's window; docs/PROTOCOL.md)."""
     return f"{PREFIX}:idem:{key}"
 
 

@@ -23,22 +23,29 @@ This module imports neither torch nor worker code.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
+import kombu.exceptions
 import redis
 from redis.backoff import EqualJitterBackoff
 from redis.retry import Retry
 from redis.sentinel import Sentinel, SentinelManagedConnection
 
+from producer.errors import FleetConnectionError, RedisCommandError, RedisURLError
 from producer.settings import FleetSettings
+from producer.urls import SENTINEL_SCHEME, is_sentinel_url, redacted_url
 from producer.version_guard import require_tested_version
 
-if TYPE_CHECKING:
-    from redis import asyncio as aioredis
+__all__ = [
+    "redis_client", "async_redis_client", "wait_client", "patient_retry", "redis_errors", "is_sentinel_url",
+    "redacted_url", "parse_sentinel_url", "sentinel_master_name", "RedisURLError", "MasterFollowingConnection",
+    "CONNECT_TIMEOUT_S", "WAIT_SOCKET_TIMEOUT_S", "text",
+]
 
-SENTINEL_SCHEME = "sentinel"
 DEFAULT_SENTINEL_PORT = 26379
 
 
@@ -46,18 +53,58 @@ DEFAULT_SENTINEL_PORT = 26379
 #: connection error or timeout, retry with exponential backoff (0.1 s doubling, at most 2 s,
 #: with jitter) up to 12 times: between about 10 and 19 s in all, which rides out a Redis
 #: restart or a Sentinel failover, then the error is raised. redis-py's default gives up
-#: after a second or two (docs/RELIABILITY.md, "Sentinel", has the failover runs).
+#: after a second or two (measured: a failover under load then fails ~2 s of submissions).
+#: Refused credentials are never retried: they fail at once (``retryable``).
 RETRY_ATTEMPTS = 12
 RETRY_BACKOFF_BASE_S = 0.1
 RETRY_BACKOFF_CAP_S = 2.0
 #: A connect attempt to a silent (black-holed) host fails after this long, so that the
 #: retry bound above holds there too.
 CONNECT_TIMEOUT_S = 2.0
+#: Socket timeout of the connections clients wait on (results, streams): longer than the
+#: longest blocking read they issue (``STREAM_BLOCK_SLICE_S``), short enough that a silent Redis
+#: cannot hold a wait long past its timeout.
+WAIT_SOCKET_TIMEOUT_S = 3.0
+
+
+def retryable(error: Exception) -> bool:
+    """Whether a connection error may go away by itself: not when Redis refused the credentials."""
+    return not isinstance(error, (redis.AuthenticationError, redis.exceptions.AuthorizationError))
 
 
 def patient_retry() -> Retry:
     """The retry policy above, as a redis-py ``Retry`` (a new object per client)."""
-    return Retry(EqualJitterBackoff(cap=RETRY_BACKOFF_CAP_S, base=RETRY_BACKOFF_BASE_S), RETRY_ATTEMPTS)
+    return Retry(EqualJitterBackoff(cap=RETRY_BACKOFF_CAP_S, base=RETRY_BACKOFF_BASE_S), RETRY_ATTEMPTS,
+                 is_retryable=retryable)
+
+
+def wait_client(settings: FleetSettings, **options: Any) -> redis.Redis:
+    """The client a producer waits on: one quick retry, ``WAIT_SOCKET_TIMEOUT_S``; its waits retry by themselves.
+    ``options`` as for ``redis_client``."""
+    return redis_client(settings, patient=False, socket_timeout=WAIT_SOCKET_TIMEOUT_S,
+                        socket_connect_timeout=CONNECT_TIMEOUT_S,
+                        retry=Retry(EqualJitterBackoff(cap=0.5, base=0.1), 1, is_retryable=retryable), **options)
+
+
+#: What redis-py and kombu raise when Redis cannot be reached or refuses the credentials.
+CONNECTION_FAILURES = (redis.ConnectionError, redis.TimeoutError, kombu.exceptions.OperationalError)
+
+
+@contextlib.contextmanager
+def redis_errors(url: str) -> Iterator[None]:
+    """Turn a redis-py or kombu failure inside the block into Fleet's errors for ``url``:
+    ``FleetConnectionError`` when Redis cannot be reached or refuses the credentials,
+    ``RedisCommandError`` when it refuses a command."""
+    try:
+        yield
+    except CONNECTION_FAILURES as exc:
+        raise FleetConnectionError(url, exc) from exc
+    except kombu.exceptions.BatchPublishError as exc:  # kombu's pipelined publish: the cause says why
+        cause = exc.__cause__ or exc
+        error = FleetConnectionError if isinstance(cause, CONNECTION_FAILURES) else RedisCommandError
+        raise error(url, cause) from exc
+    except redis.RedisError as exc:
+        raise RedisCommandError(url, exc) from exc
 
 
 class MasterFollowingConnection(SentinelManagedConnection):
@@ -67,27 +114,16 @@ class MasterFollowingConnection(SentinelManagedConnection):
     command retried after a connection error reconnects through ``connect_check_health()``
     (from ``send_packed_command``), which reuses the address of the master that just died.
     With a patient retry policy a command issued across a failover then spends its whole
-    retry budget knocking on the dead master and fails (docs/RELIABILITY.md, "Sentinel").
-    Routing those reconnects through ``connect()`` makes it follow the promoted replica within
-    one retry. Used only on the redis-py releases of ``producer.version_guard.TESTED_VERSIONS``.
+    retry budget (~14 s measured) knocking on the dead master and fails. Routing those
+    reconnects through ``connect()`` makes it follow the promoted replica within one retry.
     """
 
-    def connect_check_health(self, check_health: bool = True, retry_socket_connect: bool = True) -> None:
+    def connect_check_health(self, check_health: bool = True, retry_socket_connect: bool = True):
         if self._sock:
-            return
+            return None
         if not retry_socket_connect:  # called by connect_to() with a freshly looked-up address
-            super().connect_check_health(check_health=check_health, retry_socket_connect=False)
-            return
-        self.connect()  # type: ignore[no-untyped-call]  # redis-py leaves SentinelManagedConnection.connect untyped
-
-
-class RedisURLError(ValueError):
-    """``REDIS_URL`` cannot be used as given (the message never contains the password)."""
-
-
-def is_sentinel_url(url: str) -> bool:
-    """True for ``sentinel://`` URLs (one or more, ``;``-separated)."""
-    return url.strip().lower().startswith(f"{SENTINEL_SCHEME}://")
+            return super().connect_check_health(check_health=check_health, retry_socket_connect=False)
+        return self.connect()
 
 
 @dataclass(frozen=True)
@@ -137,8 +173,7 @@ def sentinel_master_name(settings: FleetSettings) -> str:
     return settings.sentinel_master
 
 
-def _sentinel_parts(settings: FleetSettings, options: dict[str, Any]
-                    ) -> tuple[SentinelURL, str, dict[str, Any], dict[str, Any]]:
+def _sentinel_parts(settings: FleetSettings, options: dict[str, Any]) -> tuple[SentinelURL, str, dict, dict]:
     spec = parse_sentinel_url(settings.redis_url)
     master = sentinel_master_name(settings)
     # Sentinels get only the socket options (no password: the URL's credentials are the master's).
@@ -168,52 +203,37 @@ def redis_client(settings: FleetSettings, *, patient: bool = True, **options: An
     """
     options = _with_policy(options, patient)
     if not is_sentinel_url(settings.redis_url):
-        client: redis.Redis = redis.Redis.from_url(settings.redis_url, **options)
-        return client
+        return redis.Redis.from_url(settings.redis_url, **options)
     spec, master, sentinel_kwargs, master_kwargs = _sentinel_parts(settings, options)
     require_tested_version("redis", "producer.redis_connection.MasterFollowingConnection")
     sentinel = Sentinel(spec.sentinels, sentinel_kwargs=sentinel_kwargs)
-    master_client: redis.Redis = sentinel.master_for(master, **master_kwargs)
-    return master_client
+    return sentinel.master_for(master, **master_kwargs)
 
 
-def async_redis_client(settings: FleetSettings, *, patient: bool = True, **options: Any) -> aioredis.Redis:
-    """The asyncio twin of ``redis_client`` (``redis.asyncio.Redis``), with the same retry policy."""
+def async_redis_client(settings: FleetSettings, *, patient: bool = True, **options: Any):
+    """The asyncio twin of ``redis_client`` (``redis.asyncio.Redis``), with the same retry policy.
+
+    ``max_connections`` (an option) bounds the connections of its pool, Sentinel or not.
+    """
     from redis import asyncio as aioredis
     from redis.asyncio.retry import Retry as AsyncRetry
     from redis.asyncio.sentinel import Sentinel as AsyncSentinel
 
     if patient:
         options = {"retry": AsyncRetry(EqualJitterBackoff(cap=RETRY_BACKOFF_CAP_S, base=RETRY_BACKOFF_BASE_S),
-                                       RETRY_ATTEMPTS),
+                                       RETRY_ATTEMPTS, is_retryable=retryable),
                    "socket_connect_timeout": CONNECT_TIMEOUT_S, **options}
 
     if not is_sentinel_url(settings.redis_url):
-        client: aioredis.Redis = aioredis.Redis.from_url(settings.redis_url, **options)
-        return client
+        return aioredis.Redis.from_url(settings.redis_url, **options)
     spec, master, sentinel_kwargs, master_kwargs = _sentinel_parts(settings, options)
     if master_kwargs.get("connection_class") is MasterFollowingConnection:
         del master_kwargs["connection_class"]  # sync class; the asyncio client keeps redis-py's own
     sentinel = AsyncSentinel(spec.sentinels, sentinel_kwargs=sentinel_kwargs)
-    master_client: aioredis.Redis = sentinel.master_for(master, **master_kwargs)
-    return master_client
+    return sentinel.master_for(master, **master_kwargs)
 
 
 def text(reply: bytes | str) -> str:
     """A Redis reply as text. Fleet's clients return bytes (no ``decode_responses``); redis-py types
     replies ``bytes | str``, so code that decodes one says so through here."""
     return reply.decode() if isinstance(reply, bytes) else reply
-
-
-def redacted_url(url: str) -> str:
-    """``url`` with every password replaced by ``**`` (for logs and error messages)."""
-    out = []
-    for chunk in url.split(";"):
-        parts = urlsplit(chunk.strip())
-        if parts.password:
-            user = parts.username or ""
-            host = parts.hostname or ""
-            netloc = f"{user}:**@{host}" + (f":{parts.port}" if parts.port else "")
-            chunk = parts._replace(netloc=netloc).geturl()
-        out.append(chunk)
-    return ";".join(out)

@@ -26,8 +26,23 @@ class FleetSettings(BaseSettings):
     max_queue_depth: int = Field(100_000, ge=0)
     #: How long an idempotency key keeps returning the job first submitted with it.
     idempotency_window_s: int = Field(24 * 3600, ge=1)
-    #: How long the client trusts its cached copy of the model catalog.
+    #: How long the client trusts its cached copy of the model catalog and of the live workers.
     catalog_cache_s: float = Field(5.0, ge=0)
+    #: Accept jobs for a model that no live worker serves (they wait in its queue until one starts:
+    #: scale from zero). Off: such a job is refused with ``ModelUnavailableError``. Per job: ``wait_for_worker``.
+    wait_for_worker: bool = False
+    #: Backpressure reads a queue's depth at most this often (s) and counts its own submissions in
+    #: between; 0 reads it on every submission (producer/core/depth.py).
+    depth_refresh_s: float = Field(0.05, ge=0)
+    #: Redis connections an ``AsyncFleetClient`` uses at most for commands (its one subscription aside);
+    #: any number of concurrent waits share them.
+    async_max_connections: int = Field(16, ge=1, le=1024)
     #: Redis Sentinel: the monitored master's name, needed when ``REDIS_URL`` is a ``sentinel://`` URL
     #: (``FLEET_SENTINEL_MASTER``). See producer/redis_connection.py and docs/RELIABILITY.md.
     sentinel_master: str | None = Field(None, min_length=1)
+
+
+def client_settings(redis_url: str | None, settings: FleetSettings | None) -> FleetSettings:
+    """What a client runs with: ``settings``, else the environment's; ``redis_url``, if given, overrides."""
+    settings = settings or FleetSettings()
+    return settings if redis_url is None else settings.model_copy(update={"redis_url": redis_url})

@@ -27,6 +27,14 @@ def redis_server():
     server.stop()
 
 
+@pytest.fixture()
+def private_redis():
+    """A Redis of this test's own, so that no session worker consumes its queues."""
+    server = RedisServer().start()
+    yield server
+    server.stop()
+
+
 @pytest.fixture(scope="session")
 def redis_url(redis_server) -> str:
     return redis_server.url

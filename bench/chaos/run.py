@@ -54,7 +54,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         env["FLEET_MAX_ATTEMPTS"] = str(args.max_attempts)
     redis_args = ["--auto-aof-rewrite-percentage", "0"] if args.no_aof_rewrite else []
     fleet = Fleet(workdir, registry, args.workers, env, args.redis_signal, redis_args)
-    settings = FleetSettings(redis_url="redis://127.0.0.1:1/0", visibility_timeout_s=args.visibility_timeout)
+    # Workers are killed on purpose: jobs submitted while none is live must queue, not be refused.
+    settings = FleetSettings(redis_url="redis://127.0.0.1:1/0", visibility_timeout_s=args.visibility_timeout,
+                             wait_for_worker=True)
     report: dict[str, Any] = {}
     try:
         fleet.start_redis()

@@ -6,17 +6,18 @@ import. Everything that crosses Redis is JSON built from these models.
 
 from __future__ import annotations
 
+import math
 import re
 from enum import Enum
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 __all__ = [
     "PROTOCOL_VERSION", "TASK_EMBED", "TASK_CLASSIFY", "TASK_GENERATE", "TASK_TRAIN",
     "QUEUE_PREFIX", "TRAINING_QUEUE", "ModelKind", "TASK_FOR_KIND", "MODEL_NAME_PATTERN",
     "inference_queue", "Limits", "JobStatus", "CELERY_STATE_TO_STATUS", "ErrorCode",
-    "JobError", "WireModel",
+    "JobError", "WireModel", "Finite", "refuse_non_finite",
 ]
 
 PROTOCOL_VERSION = 1
@@ -127,6 +128,25 @@ class ErrorCode(str, Enum):
     MODEL_ERROR = "model_error"
     WORKER_LOST = "worker_lost"
     INTERNAL = "internal"
+    # Refusals by the client, before anything is enqueued (never stored by a worker):
+    #: the idempotency key is bound to a different request
+    IDEMPOTENCY_CONFLICT = "idempotency_conflict"
+    #: a caller-supplied job id is already in use
+    JOB_ID_CONFLICT = "job_id_conflict"
+    #: no live worker serves the model
+    MODEL_UNAVAILABLE = "model_unavailable"
+
+
+def refuse_non_finite(value: Any) -> Any:
+    """Refuse NaN and the infinities with one clear message, before any range check sees them
+    (JSON has no such numbers, and a range check would report them as out of range)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError("not a finite number")
+    return value
+
+
+#: Put in an ``Annotated`` number field: NaN and infinity are refused as "not a finite number".
+Finite = BeforeValidator(refuse_non_finite)
 
 
 class JobError(BaseModel):
@@ -147,11 +167,14 @@ class WireModel(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    @field_validator("v", check_fields=False)
+    @field_validator("v", mode="before", check_fields=False)
     @classmethod
-    def _speaks_this_protocol(cls, value: int) -> int:
-        """A request's ``v`` (where the model has one) must be the version this contract describes:
+    def _speaks_this_protocol(cls, value: Any) -> int:
+        """A request's ``v`` (where the model has one) must be the integer version this contract describes:
         the worker refuses any other (``unsupported_protocol``), so the producer must not send it."""
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"v is the protocol version, the integer {PROTOCOL_VERSION}; got "
+                             f"{type(value).__name__} {value!r}")
         if value != PROTOCOL_VERSION:
             raise ValueError(f"protocol version {value!r} is not supported (this contract is version "
                              f"{PROTOCOL_VERSION})")

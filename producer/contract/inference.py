@@ -7,11 +7,13 @@ task's return value. Both are plain JSON objects with exactly these fields.
 from __future__ import annotations
 
 import binascii
+import math
 import sys
 from array import array
 from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
+    AfterValidator,
     Field,
     SerializerFunctionWrapHandler,
     StrictBool,
@@ -23,11 +25,11 @@ from pydantic import (
     model_validator,
 )
 
-from producer.contract.common import MODEL_NAME_PATTERN, PROTOCOL_VERSION, Limits, WireModel
+from producer.contract.common import MODEL_NAME_PATTERN, PROTOCOL_VERSION, Finite, Limits, WireModel
 
 ModelName = Annotated[StrictStr, Field(pattern=MODEL_NAME_PATTERN)]
 Text = Annotated[StrictStr, Field(min_length=1, max_length=Limits.MAX_CHARS_PER_TEXT)]
-Probability = Annotated[float, Field(gt=0.0, le=1.0)]
+Probability = Annotated[StrictFloat | StrictInt, Finite, Field(gt=0.0, le=1.0)]
 
 
 #: How an ``EmbedResult`` carries its vectors. ``"float"``: JSON arrays of numbers (``vectors``).
@@ -163,8 +165,27 @@ def _b64_bytes(text: str, where: str = "vector") -> bytes:
 #: A feature is a finite number that float32 (what the models compute in) can hold: NaN, infinity and
 #: larger numbers are refused here, not turned into NaN scores or an overflow in the worker.
 FLOAT32_MAX = 3.4028234663852886e38
-Feature = Annotated[StrictFloat | StrictInt, Field(ge=-FLOAT32_MAX, le=FLOAT32_MAX)]
-FeatureVector = Annotated[list[Feature], Field(min_length=1, max_length=Limits.MAX_FEATURES_PER_INPUT)]
+
+
+def _features_fit_float32(vector: list[float | int]) -> list[float | int]:
+    """One error per vector, naming its first bad feature: "not a finite number" for NaN and the
+    infinities, "outside the float32 range" for numbers float32 cannot hold."""
+    bad = [(index, value) for index, value in enumerate(vector) if not _fits_float32(value)]
+    if bad:
+        index, value = bad[0]
+        problem = ("outside the float32 range (-3.4028235e38 to 3.4028235e38)"
+                   if isinstance(value, int) or math.isfinite(value) else "not a finite number")
+        more = f"; {len(bad) - 1} more feature(s) of this input too" if len(bad) > 1 else ""
+        raise ValueError(f"feature {index} is {problem}: {repr(value)[:32]}{more}")
+    return vector
+
+
+def _fits_float32(value: float | int) -> bool:
+    return abs(value) <= FLOAT32_MAX  # False for NaN; exact for integers of any size
+
+
+FeatureVector = Annotated[list[StrictFloat | StrictInt], Field(min_length=1, max_length=Limits.MAX_FEATURES_PER_INPUT),
+                          AfterValidator(_features_fit_float32)]
 
 
 class ClassifyRequest(WireModel):
@@ -219,7 +240,7 @@ class GenerateRequest(WireModel):
     prompt: Annotated[StrictStr, Field(min_length=1, max_length=Limits.MAX_PROMPT_CHARS)]
     model: ModelName
     max_new_tokens: Annotated[StrictInt, Field(ge=1, le=Limits.MAX_NEW_TOKENS)] = 64
-    temperature: Annotated[StrictFloat | StrictInt, Field(ge=0.0, le=5.0)] = 0.0
+    temperature: Annotated[StrictFloat | StrictInt, Finite, Field(ge=0.0, le=5.0)] = 0.0
     top_p: Probability = 1.0
     #: The range torch.Generator.manual_seed takes; a seed outside it failed in the model, every attempt.
     seed: Annotated[StrictInt, Field(ge=-2 ** 63, le=2 ** 64 - 1)] | None = None

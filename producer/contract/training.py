@@ -24,7 +24,7 @@ from pydantic import (
     model_validator,
 )
 
-from producer.contract.common import MODEL_NAME_PATTERN, PROTOCOL_VERSION, WireModel
+from producer.contract.common import MODEL_NAME_PATTERN, PROTOCOL_VERSION, Finite, WireModel
 
 __all__ = [
     "TrainKind", "Precision", "DATASETS_FOR_KIND", "DEFAULTS_FOR_KIND", "MAX_LOSS_CURVE_POINTS",
@@ -72,7 +72,7 @@ DEFAULTS_FOR_KIND: dict[TrainKind, dict[str, Any]] = {
 }
 
 ModelName = Annotated[StrictStr, Field(pattern=MODEL_NAME_PATTERN)]
-Beta = Annotated[StrictFloat | StrictInt, Field(ge=0.0, lt=1.0)]
+Beta = Annotated[StrictFloat | StrictInt, Finite, Field(ge=0.0, lt=1.0)]
 
 
 class TrainRequest(WireModel):
@@ -97,15 +97,15 @@ class TrainRequest(WireModel):
     dataset: StrictStr
     epochs: Annotated[StrictInt, Field(ge=1, le=1000)]
     batch_size: Annotated[StrictInt, Field(ge=1, le=4096)]
-    learning_rate: Annotated[StrictFloat | StrictInt, Field(gt=0.0, le=1.0)]
+    learning_rate: Annotated[StrictFloat | StrictInt, Finite, Field(gt=0.0, le=1.0)]
     betas: tuple[Beta, Beta] = (0.9, 0.999)
-    eps: Annotated[StrictFloat | StrictInt, Field(gt=0.0, le=1.0)] = 1e-8
-    weight_decay: Annotated[StrictFloat | StrictInt, Field(ge=0.0, le=10.0)] = 0.01
+    eps: Annotated[StrictFloat | StrictInt, Finite, Field(gt=0.0, le=1.0)] = 1e-8
+    weight_decay: Annotated[StrictFloat | StrictInt, Finite, Field(ge=0.0, le=10.0)] = 0.01
     grad_accum_steps: Annotated[StrictInt, Field(ge=1, le=1024)] = 1
     precision: Precision = Precision.FP32
     seed: Annotated[StrictInt, Field(ge=0, le=2**32 - 1)] = 0
     checkpoint_every_steps: Annotated[StrictInt, Field(ge=1)] = 50
-    eval_fraction: Annotated[StrictFloat, Field(gt=0.0, lt=0.5)] = 0.2
+    eval_fraction: Annotated[StrictFloat, Finite, Field(gt=0.0, lt=0.5)] = 0.2
     register_as: ModelName | None = None
     export_onnx: StrictBool = False
 

@@ -21,7 +21,8 @@ QUEUE = "fleet.embed.minilm"
 
 @pytest.fixture()
 def idle_fleet():
-    """A private Redis whose catalog lists minilm but where no worker runs until the test starts one."""
+    """A private Redis whose catalog lists minilm but where no worker runs until the test starts one
+    (clients here pass ``wait_for_worker``: they submit before a worker starts)."""
     server = RedisServer().start()
     worker = WorkerProcess(server.url, "--device", "cpu", "--models", "minilm", name="test-admission-0").wait_ready()
     worker.stop()
@@ -30,7 +31,7 @@ def idle_fleet():
 
 
 def test_job_past_its_deadline_is_not_computed_and_ends_expired(idle_fleet):
-    with FleetClient(idle_fleet.url) as client:
+    with FleetClient(settings=FleetSettings(redis_url=idle_fleet.url, wait_for_worker=True)) as client:
         doomed = client.embed(["too late"], deadline_s=0.5)
         timely = client.embed(["in time"], deadline_s=300)
         time.sleep(1.0)
@@ -47,7 +48,7 @@ def test_job_past_its_deadline_is_not_computed_and_ends_expired(idle_fleet):
 
 
 def test_interactive_jobs_overtake_queued_bulk_jobs(idle_fleet):
-    with FleetClient(idle_fleet.url) as client:
+    with FleetClient(settings=FleetSettings(redis_url=idle_fleet.url, wait_for_worker=True)) as client:
         bulk = [client.embed([f"bulk {i}"], priority=PRIORITY_BULK) for i in range(30)]
         urgent = client.embed(["urgent"], priority=PRIORITY_INTERACTIVE)
         worker = WorkerProcess(idle_fleet.url, "--device", "cpu", "--models", "minilm", name="test-priority",
@@ -63,7 +64,7 @@ def test_interactive_jobs_overtake_queued_bulk_jobs(idle_fleet):
 
 
 def test_full_queue_refuses_with_queue_full_then_waits_for_room(idle_fleet):
-    settings = FleetSettings(redis_url=idle_fleet.url, max_queue_depth=5)
+    settings = FleetSettings(redis_url=idle_fleet.url, max_queue_depth=5, wait_for_worker=True)
     with FleetClient(settings=settings) as client:
         for i in range(5):
             client.embed([f"fill {i}"])
@@ -81,7 +82,7 @@ def test_full_queue_refuses_with_queue_full_then_waits_for_room(idle_fleet):
 
 
 def test_same_idempotency_key_returns_the_same_job_and_runs_once(idle_fleet):
-    with FleetClient(idle_fleet.url) as client:
+    with FleetClient(settings=FleetSettings(redis_url=idle_fleet.url, wait_for_worker=True)) as client:
         first = client.embed(["pay once"], idempotency_key="order-42")
         again = client.embed(["pay once"], idempotency_key="order-42")
         other = client.embed(["pay once"], idempotency_key="order-43")

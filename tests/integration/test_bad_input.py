@@ -61,6 +61,7 @@ WIRE_CASES = {
     "keyword arguments": ([], {"texts": ["a"]}, ErrorCode.INVALID_INPUT),
     "not an object": (["texts"], {}, ErrorCode.INVALID_INPUT),
     "future protocol": ([{"v": 99, "texts": ["a"]}], {}, ErrorCode.UNSUPPORTED_PROTOCOL),
+    "version as a string": ([{"v": "1", "texts": ["a"]}], {}, ErrorCode.INVALID_INPUT),
 }
 
 
@@ -69,7 +70,7 @@ def test_worker_fails_bad_payload_with_code_and_keeps_serving(case, raw_app, cli
     args, kwargs, code = WIRE_CASES[case]
     async_result = raw_app.send_task(TASK_EMBED, args=args, kwargs=kwargs, queue=QUEUE)
     with pytest.raises(JobFailedError) as raised:
-        client._interpret(async_result.id, *_wait(async_result), "embed")
+        client.job(async_result.id).result(timeout=60)
     assert raised.value.code is code
     assert raised.value.error.message
     assert embed_worker.alive()
@@ -87,8 +88,3 @@ def test_structured_error_is_stored_as_documented(raw_app, redis_client, embed_w
     code, message, details = meta["result"]["exc_message"]
     assert code == "invalid_input" and "EmbedRequest" in message
     assert details["errors"][0]["loc"] == ["texts"]
-
-
-def _wait(async_result):
-    value = async_result.get(timeout=60, propagate=False)
-    return async_result.state, value

@@ -9,6 +9,7 @@ import redis
 
 from producer import FleetClient, InvalidRequest, JobFailedError, JobStatus, JobTimeout
 from producer.contract import inference_queue
+from producer.settings import FleetSettings
 
 pytestmark = pytest.mark.integration
 
@@ -92,8 +93,12 @@ def test_a_bad_entry_refuses_the_whole_submission(client, redis_client, embed_wo
     assert len(redis_client.keys("fleet:job:*")) == records_before
 
 
-def test_publishing_takes_a_constant_number_of_round_trips(embed_worker, client, monkeypatch):
-    """Sending 200 jobs costs the same number of socket writes to Redis as sending 5."""
+def test_publishing_takes_a_constant_number_of_round_trips(embed_worker, redis_url, monkeypatch):
+    """Sending 200 jobs costs the same number of socket writes to Redis as sending 5.
+
+    (The queue depth is read at most every ``depth_refresh_s``: a minute here, so that no read falls
+    in one of the two calls and not the other.)"""
+    client = FleetClient(settings=FleetSettings(redis_url=redis_url, depth_refresh_s=60))
     sends = []
     original = redis.connection.AbstractConnection.send_packed_command
 
@@ -111,6 +116,7 @@ def test_publishing_takes_a_constant_number_of_round_trips(embed_worker, client,
     monkeypatch.undo()
     assert counts[200] == counts[5] <= 4, counts
     client.gather(handles, timeout=180)
+    client.close()
 
 
 def test_submit_many_refuses_bad_options(client, embed_worker):

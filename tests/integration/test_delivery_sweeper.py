@@ -13,11 +13,14 @@ import time
 
 import pytest
 import redis
+from celery import Celery
 
 from producer import FleetClient, keys
+from producer.celery_config import celery_config
+from producer.settings import FleetSettings
 from tests.support.fleet_processes import WorkerProcess
 from workers.process.embedded_redis import RedisServer
-from workers.queue.delivery_sweeper import UNACKED_HASH, DeliverySweeper, message_job_id
+from workers.queue.delivery_sweeper import UNACKED_HASH, DeliverySweeper, message_job_id, resend_from_record
 
 pytestmark = pytest.mark.integration
 
@@ -68,6 +71,23 @@ def test_only_a_job_missing_in_two_sweeps_is_sent_again(private_redis):
     assert message_job_id(envelope("x")) == "x" and message_job_id(b"not json") is None
 
 
+def test_a_job_sent_again_keeps_its_deadline_and_result_lifetime(private_redis):
+    server, client = private_redis
+    client.hset(keys.CATALOG, "minilm", json.dumps({"kind": "embed", "queue": "fleet.embed.minilm"}))
+    with FleetClient(server.url) as fleet:
+        handle = fleet.embed(["lost"], deadline_s=600, result_ttl_s=120, wait_for_worker=True)
+    [raw] = [client.rpop(name) for name in client.keys("fleet.embed.minilm*") if client.llen(name)]
+    record = {name.decode(): value.decode() for name, value in client.hgetall(keys.job_record(handle.id)).items()}
+    app = Celery("resend-test", set_as_current=False)
+    app.conf.update(celery_config(FleetSettings(redis_url=server.url)))
+    resend_from_record(app, handle.id, record)
+    app.close()
+    [again] = [client.rpop(name) for name in client.keys("fleet.embed.minilm*") if client.llen(name)]
+    first, second = json.loads(raw)["headers"], json.loads(again)["headers"]
+    assert second["id"] == handle.id and second["fleet_result_ttl_s"] == first["fleet_result_ttl_s"] == 120
+    assert second["expires"] == first["expires"]
+
+
 def test_a_message_lost_on_its_way_to_a_worker_still_gets_its_result(private_redis):
     server, client = private_redis
     env = {"FLEET_SWEEP_INTERVAL_S": "1", "FLEET_SWEEP_GRACE_S": "2", "FLEET_CONCURRENCY": "4"}
@@ -76,7 +96,7 @@ def test_a_message_lost_on_its_way_to_a_worker_still_gets_its_result(private_red
         expected = fleet.embed(["a job that goes astray"]).result(timeout=120).vectors[0]
         assert first.stop() == 0  # nobody consumes now; the catalog stays
 
-        handle = fleet.embed(["a job that goes astray"])
+        handle = fleet.embed(["a job that goes astray"], wait_for_worker=True)
         lists = [name for name in client.keys("fleet.embed.minilm*") if client.llen(name)]
         [raw] = [client.rpop(name) for name in lists]  # what a BRPOP to a worker killed at once does
         assert message_job_id(raw) == handle.id and client.zscore(keys.PENDING, handle.id) is not None

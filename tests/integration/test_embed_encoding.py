@@ -240,10 +240,10 @@ def test_client_refuses_a_bad_encoding_before_enqueue(encoding, client, redis_cl
 @pytest.mark.parametrize("encoding", ["BASE64", "binary", None, 64])
 def test_worker_refuses_a_bad_encoding_on_the_wire(encoding, raw_app, client, embed_worker):
     job = raw_app.send_task(TASK_EMBED, args=[{"texts": ["a"], "encoding": encoding}], queue=QUEUE)
-    value = job.get(timeout=60, propagate=False)
+    job.get(timeout=60, propagate=False)
     assert job.state == "FAILURE"
     with pytest.raises(JobFailedError) as raised:
-        client._interpret(job.id, job.state, value, "embed")
+        client.job(job.id).result(timeout=60)
     assert raised.value.code is ErrorCode.INVALID_INPUT
     assert [error["loc"] for error in raised.value.error.details["errors"]] == [["encoding"]]
     assert embed_worker.alive()

@@ -11,17 +11,8 @@ from producer import FleetClient
 from producer.contract import Limits
 from tests.support.fleet_processes import WorkerProcess, fleet_executable
 from workers.commands.exit_codes import ExitCode
-from workers.process.embedded_redis import RedisServer
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture()
-def private_redis():
-    """A Redis of this test's own, so that no session worker consumes its queues."""
-    server = RedisServer().start()
-    yield server
-    server.stop()
 
 
 def test_model_that_fails_to_load_stops_the_worker_with_a_reason(redis_url, tmp_path):
@@ -47,7 +38,7 @@ def test_sigterm_while_loading_loses_no_job(private_redis):
         first = WorkerProcess(private_redis.url, "--device", "cpu", "--models", "minilm", name="test-load-1")
         first.wait_ready()
         first.stop()  # the catalog now lists minilm; no worker is running
-        handles = [client.embed([f"queued while no worker runs {i}"]) for i in range(5)]
+        handles = [client.embed([f"queued while no worker runs {i}"], wait_for_worker=True) for i in range(5)]
         loading = WorkerProcess(private_redis.url, "--device", "cpu", "--models", "minilm", name="test-load-2")
         deadline = time.monotonic() + 120
         while "loading 1 model(s)" not in loading.log() and time.monotonic() < deadline:

@@ -19,8 +19,9 @@ import pytest
 import redis
 from kombu import Connection, Exchange, Queue
 
-from producer import FleetClient, keys
+from producer import FleetClient, FleetConnectionError, JobTimeoutError, keys
 from producer.settings import FleetSettings
+from tests.support.client_adapters import BlockingAsyncClient
 from tests.support.fleet_processes import WorkerProcess
 from workers.process.embedded_redis import RedisServer
 
@@ -73,7 +74,7 @@ def aof_redis(tmp_path):
 
 
 def _publish_catalog(url: str) -> None:
-    """What a minilm worker writes at start, so that clients accept jobs while none runs."""
+    """What a minilm worker writes, so that clients (with ``wait_for_worker``) accept jobs while none runs."""
     client = redis.Redis.from_url(url)
     client.hset(keys.CATALOG, "minilm", json.dumps({"kind": "embed", "queue": QUEUE}))
     client.close()
@@ -146,7 +147,8 @@ def test_result_store_rides_out_a_short_outage(aof_redis):
 def test_queued_jobs_survive_clean_and_hard_redis_restarts(aof_redis):
     _publish_catalog(aof_redis.url)
     raw = redis.Redis.from_url(aof_redis.url)
-    with FleetClient(settings=FleetSettings(redis_url=aof_redis.url, visibility_timeout_s=VISIBILITY_S)) as client:
+    with FleetClient(settings=FleetSettings(redis_url=aof_redis.url, visibility_timeout_s=VISIBILITY_S,
+                                            wait_for_worker=True)) as client:
         before_clean = [client.embed([f"queued before a clean restart {i}"]) for i in range(30)]
         time.sleep(1.5)  # > appendfsync everysec
         aof_redis.restart(signal.SIGTERM)
@@ -228,8 +230,9 @@ class _ResultWaiter(threading.Thread):
 
 def test_submission_rides_out_a_short_outage(aof_redis):
     _publish_catalog(aof_redis.url)
-    with FleetClient(settings=FleetSettings(redis_url=aof_redis.url, visibility_timeout_s=VISIBILITY_S)) as client:
-        client.catalog.entries()  # cached: the outage starts at the job record write
+    with FleetClient(settings=FleetSettings(redis_url=aof_redis.url, visibility_timeout_s=VISIBILITY_S,
+                                            wait_for_worker=True)) as client:
+        client.models()  # cached: the outage starts at the job record write
         aof_redis.server.process.send_signal(signal.SIGTERM)
         aof_redis.server.process.wait(30)
         restarter = aof_redis.start_again_in(3.0)
@@ -247,17 +250,42 @@ def test_submission_rides_out_a_short_outage(aof_redis):
 
 def test_submission_fails_within_a_bound_when_redis_stays_down(aof_redis):
     _publish_catalog(aof_redis.url)
-    with FleetClient(settings=FleetSettings(redis_url=aof_redis.url)) as client:
-        client.catalog.entries()
+    with FleetClient(settings=FleetSettings(redis_url=aof_redis.url, wait_for_worker=True)) as client:
+        client.models()
         aof_redis.server.process.kill()
         aof_redis.server.process.wait(30)
         started = time.monotonic()
-        with pytest.raises(Exception) as raised:  # noqa: PT011 - the connection error type is redis-py's or kombu's
+        with pytest.raises(FleetConnectionError) as raised:
             client.embed(["nobody will take this"])
         elapsed = time.monotonic() - started
         assert elapsed < 45, f"a submission must fail within a bound, took {elapsed:.1f} s"
-        assert "connect" in str(raised.value).lower() or "connection" in type(raised.value).__name__.lower()
+        assert raised.value.url == aof_redis.url and "cannot be reached" in str(raised.value)
         # Start it again so the fixture's teardown finds a server to stop.
+        aof_redis.server = RedisServer(aof_redis.port, appendonly=True, directory=aof_redis.directory).start()
+
+
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+def test_waits_end_with_job_timeout_when_redis_goes_away(flavour, aof_redis):
+    _publish_catalog(aof_redis.url)
+    raw = redis.Redis.from_url(aof_redis.url)
+    raw.hset(keys.CATALOG, "tiny-llama", json.dumps({"kind": "generate", "queue": "fleet.generate.tiny-llama"}))
+    raw.close()
+    settings = FleetSettings(redis_url=aof_redis.url, wait_for_worker=True)
+    client = FleetClient(settings=settings) if flavour == "sync" else BlockingAsyncClient(settings)
+    try:
+        queued = client.embed(["nobody computes this"])
+        streaming = client.generate("Once", model="tiny-llama", stream=True)
+        client.gather([queued], timeout=0.1, return_exceptions=True)  # the result subscription is up
+        aof_redis.server.process.kill()
+        aof_redis.server.process.wait(30)
+        with pytest.raises(JobTimeoutError):
+            queued.result(timeout=3)
+        [(_, outcome)] = list(client.as_completed([queued], timeout=3))
+        assert isinstance(outcome, JobTimeoutError)
+        with pytest.raises(JobTimeoutError):
+            list(streaming.stream(timeout=3))
+    finally:
+        client.close()
         aof_redis.server = RedisServer(aof_redis.port, appendonly=True, directory=aof_redis.directory).start()
 
 

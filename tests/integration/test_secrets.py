@@ -83,7 +83,7 @@ def test_least_privilege_acl_user_runs_the_whole_path_and_no_secret_is_logged(ac
             failed.get(timeout=60, propagate=False)
             assert failed.state == "FAILURE"
             with pytest.raises(JobFailedError):
-                client._interpret(failed.id, failed.state, failed.result, "embed")
+                client.job(failed.id).result(timeout=60)
         for command in (["status"], ["health", "--worker", worker.name], ["health", "--live", "--worker", worker.name],
                         ["dlq", "list"]):
             done = _fleet(command, url)

@@ -1,16 +1,20 @@
-"""``fleet status``: the fleet as Redis sees it: workers, devices, models, queue depths."""
+"""``fleet status``: the fleet as Redis sees it: workers, devices, models, queue depths.
+
+A queue whose model no live worker serves is flagged: its jobs wait until a worker for the
+model starts, and clients refuse new ones (``ModelUnavailableError``) unless told to wait.
+"""
 
 from __future__ import annotations
 
-import json
 import time
 
 from rich.console import Console
 from rich.table import Table
 
 from producer import keys
+from producer.core.catalog import parse_catalog
 from producer.queues import queue_depth
-from producer.redis_connection import redis_client, text
+from producer.redis_connection import redis_client
 from producer.settings import FleetSettings
 from workers.process.health import read_heartbeats
 
@@ -18,22 +22,30 @@ from workers.process.health import read_heartbeats
 def print_status() -> int:
     client = redis_client(FleetSettings())
     console = Console()
+    beats = read_heartbeats(client)
     workers = Table(title="Workers")
     for column in ("name", "ready", "device", "models", "in flight", "last job"):
         workers.add_column(column)
-    for beat in read_heartbeats(client):
+    for beat in beats:
         last = beat.get("last_job_at")
         workers.add_row(beat["name"], "yes" if beat.get("ready") else "no",
                         f"{beat.get('device')} {beat.get('device_name', '')}",
                         ",".join(beat.get("models", [])), str(beat.get("in_flight", 0)),
                         f"{time.time() - last:.0f} s ago" if last else "-")
     queues = Table(title="Queues")
-    queues.add_column("model")
-    queues.add_column("queue")
-    queues.add_column("waiting", justify="right")
-    for name, raw in sorted(client.hgetall(keys.CATALOG).items()):
-        entry = json.loads(raw)
-        queues.add_row(text(name), entry["queue"], str(queue_depth(client, entry["queue"])))
+    for column in ("model", "queue", "waiting", "live workers"):
+        queues.add_column(column, justify="right" if column in ("waiting", "live workers") else "left")
+    unserved = []
+    for name, entry in sorted(parse_catalog(client.hgetall(keys.CATALOG)).items()):
+        serving = sum(name in beat.get("models", []) for beat in beats)
+        depth = queue_depth(client, entry.queue)
+        queues.add_row(name, entry.queue, str(depth), str(serving) if serving else "[bold red]none[/]")
+        if not serving:
+            unserved.append((name, entry, depth))
     console.print(workers)
     console.print(queues)
+    for name, entry, depth in unserved:
+        seen = f"last served {time.time() - entry.last_seen:.0f} s ago" if entry.last_seen else "never served"
+        console.print(f"[bold red]warning:[/] no live worker serves {name} ({seen}): {depth} job(s) wait in "
+                      f"{entry.queue}; start `fleet worker --models {name}`")
     return 0

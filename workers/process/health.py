@@ -2,6 +2,9 @@
 
 A worker writes ``fleet:heartbeat:<name>`` (JSON, TTL a few intervals) from a background
 thread; ``fleet health`` exits 0 only if a fresh, ready heartbeat from this host exists.
+Each beat also refreshes the worker's models in the catalog (``fleet:catalog``: model ->
+``{"kind", "queue", "last_seen"}``), so that clients can tell a model a live worker serves
+from one whose workers are gone, and say when it was last served (producer/core/catalog.py).
 Nothing here imports torch: the probe must start fast.
 """
 
@@ -12,7 +15,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import redis
@@ -24,13 +27,18 @@ log = logging.getLogger(__name__)
 
 
 class Heartbeat:
-    """Publishes ``snapshot()`` every ``interval_s`` seconds until ``stop()``."""
+    """Publishes ``snapshot()`` every ``interval_s`` seconds until ``stop()``.
+
+    ``catalog``: the worker's models (name -> ``{"kind", "queue"}``), written to ``fleet:catalog``
+    with ``last_seen`` on every beat.
+    """
 
     def __init__(self, redis_client: redis.Redis, worker_name: str, snapshot: Callable[[], dict[str, Any]],
-                 interval_s: float, ttl_s: float):
+                 interval_s: float, ttl_s: float, catalog: Mapping[str, dict[str, Any]] | None = None):
         self._redis = redis_client
         self.worker_name = worker_name
         self._snapshot = snapshot
+        self._catalog = dict(catalog or {})
         self._interval_s = interval_s
         self._ttl_ms = int(ttl_s * 1000)
         self.ready = False
@@ -44,11 +52,15 @@ class Heartbeat:
 
     def beat(self) -> None:
         """Write one heartbeat now. Redis errors are logged, never raised (the worker reconnects)."""
-        body = {**self._snapshot(), "name": self.worker_name, "ready": self.ready, "at": time.time()}
+        now = time.time()
+        body = {**self._snapshot(), "name": self.worker_name, "ready": self.ready, "at": now}
         try:
             with self._redis.pipeline(transaction=False) as pipe:
                 pipe.set(keys.worker_heartbeat(self.worker_name), json.dumps(body), px=self._ttl_ms)
                 pipe.sadd(keys.WORKERS, self.worker_name)
+                if self._catalog:
+                    pipe.hset(keys.CATALOG, mapping={name: json.dumps({**entry, "last_seen": now})
+                                                     for name, entry in self._catalog.items()})
                 pipe.execute()
         except redis.RedisError as exc:
             log.warning("heartbeat to Redis failed: %s", exc)

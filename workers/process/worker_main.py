@@ -9,8 +9,9 @@ worker or the models. It:
    resident models, one batcher per model) and ``--consumers`` **consumer processes**
    (workers/process/consumer_main.py: Celery workers, threads pool, no torch) that import
    their code while the models load;
-3. once the device reports its models, publishes the catalog, gives the consumers the model
-   cards and writes the group's heartbeat (ready once every process is ready);
+3. once the device reports its models, gives the consumers the model cards and writes the
+   group's heartbeat (ready once every process is ready), which keeps the models it serves in
+   the catalog with their ``last_seen`` time;
 4. watches them: a consumer that dies is started again (the jobs it held come back to their
    queues after the visibility timeout); if the device process dies, the consumers' waiting
    jobs are handed back to their queues, the jobs it was computing are charged or marked
@@ -25,7 +26,6 @@ a ZeroMQ socket in a private runtime directory.
 
 from __future__ import annotations
 
-import json
 import logging
 import multiprocessing
 import os
@@ -108,11 +108,10 @@ def consumer_node_name(group_name: str, index: int) -> str:
     return f"{base}-c{index}@{host}" if host else f"{base}-c{index}"
 
 
-def publish_catalog(redis_client: redis.Redis, specs: list[ModelSpec]) -> None:
-    """Record the models this worker serves so clients can validate model names before enqueue."""
-    if specs:
-        redis_client.hset(keys.CATALOG, mapping={
-            spec.name: json.dumps({"kind": spec.kind.value, "queue": spec.queue}) for spec in specs})
+def catalog_entries(specs: list[ModelSpec]) -> dict[str, dict[str, Any]]:
+    """The catalog entries of the models this worker serves; its heartbeat keeps them in ``fleet:catalog``
+    (with ``last_seen``), so that clients send only jobs a live worker will take."""
+    return {spec.name: {"kind": spec.kind.value, "queue": spec.queue} for spec in specs}
 
 
 def charge_crash(redis_client: redis.Redis, computing: list[list[str]], ttl_s: int) -> None:
@@ -273,11 +272,11 @@ class WorkerGroup:
             log.error("cannot start worker: every model was refused: %s", ready.get("refused"))
             return self._shutdown(EXIT_LOAD_ERROR)
         self.cards = ready
-        publish_catalog(self.redis, [spec for spec in self.specs if spec.name in served])
         for process in self.consumers:
             process.cards_pipe.send(ready)
         self.heartbeat = Heartbeat(self.redis, self.name, self.snapshot, self.settings.heartbeat_interval_s,
-                                   self.settings.heartbeat_interval_s * self.settings.heartbeat_ttl_intervals).start()
+                                   self.settings.heartbeat_interval_s * self.settings.heartbeat_ttl_intervals,
+                                   catalog=catalog_entries([s for s in self.specs if s.name in served])).start()
         return self._watch()
 
     def _wait_for_device(self) -> dict[str, Any] | None:

@@ -33,6 +33,7 @@ from typing import Any, cast
 import redis
 
 from producer import keys
+from producer.core.jobs import HEADER_RESULT_TTL
 from producer.queues import priority_lists
 from producer.redis_connection import text
 
@@ -171,10 +172,12 @@ class DeliverySweeper:
 
 
 def resend_from_record(celery_app, job_id: str, record: dict[str, str]) -> None:
-    """Publish the job described by ``record`` (see ``producer.client``) again, under ``job_id``."""
+    """Publish the job described by ``record`` (``producer.core.jobs.JobPlan.record``) again, under ``job_id``."""
+    headers: dict[str, Any] = {"fleet_enqueued_at": time.time(), "fleet_resent": True}
+    if record.get("result_ttl_s"):
+        headers[HEADER_RESULT_TTL] = int(record["result_ttl_s"])
     options: dict[str, Any] = {"task_id": job_id, "queue": record["queue"],
-                               "priority": int(record.get("priority") or 0),
-                               "headers": {"fleet_enqueued_at": time.time(), "fleet_resent": True}}
+                               "priority": int(record.get("priority") or 0), "headers": headers}
     if record.get("expires"):
         options["expires"] = record["expires"]
     celery_app.send_task(record["task"], args=[json.loads(record["request"])], **options)

@@ -52,7 +52,9 @@ def parse_payload(request_cls: type[BaseModel], args: tuple, kwargs: dict) -> Ba
                              {"positional": len(args), "keywords": sorted(kwargs)})
     payload = args[0]
     version = payload.get("v", PROTOCOL_VERSION)
-    if version != PROTOCOL_VERSION:
+    # Another integer is a version this worker does not speak; any other value is a malformed request,
+    # refused below with the contract's message (invalid_input: "v is the protocol version, the integer 1").
+    if isinstance(version, int) and not isinstance(version, bool) and version != PROTOCOL_VERSION:
         raise JobFailedError(ErrorCode.UNSUPPORTED_PROTOCOL.value,
                              f"protocol version {version!r} not supported (this worker speaks {PROTOCOL_VERSION})")
     try:

@@ -33,7 +33,6 @@ from producer.version_guard import require_tested_version
 from workers.queue.group_commit import GroupCommit
 from workers.queue.redis_patches import remember_broker
 
-
 #: URL scheme -> the class kombu uses for it in a worker process.
 ALIASES = {"redis": "workers.queue.transport:FleetTransport", "rediss": "workers.queue.transport:FleetTransport",
            "sentinel": "workers.queue.transport:FleetSentinelTransport"}

@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from functools import cached_property
 from datetime import UTC, datetime
 from typing import Any
 
@@ -67,18 +68,16 @@ class JobContext:
         self.task = task
         self.job_id: str = task.request.id
         self.isolate = False
-        self._traceparent: str | None | bool = False
 
     @property
     def redis(self):
         return self.task.backend.client
 
-    @property
+    @cached_property
     def traceparent(self) -> str | None:
-        """The W3C ``traceparent`` of this job's span (None without telemetry), for the device's batch span."""
-        if self._traceparent is False:
-            self._traceparent = telemetry.current_traceparent()
-        return self._traceparent
+        """The W3C ``traceparent`` of this job's span (None without telemetry), for the device's batch span;
+        read once, at the first use."""
+        return telemetry.current_traceparent()
 
     # --- start -------------------------------------------------------------------------------
 

@@ -140,7 +140,7 @@ def main() -> int:
     print(f"telemetry overhead, {time.strftime('%Y-%m-%d')}, {platform.node()}, {os.cpu_count()} CPUs, "
           f"Python {platform.python_version()}, torch {torch.__version__}, no OTLP endpoint")
     print("submit + result, one text, minilm on a CPU worker, alternating (ABBA) blocks of", args.block)
-    print(f"  previous code path (no setup, no header): {summary(samples['previous'])}")
+    print(f"  previous code path (no header):           {summary(samples['previous'])}")
     print(f"  current, telemetry off:                   {summary(samples['current'])}")
     delta = statistics.median(samples["current"]) - statistics.median(samples["previous"])
     print(f"  difference of medians: {1000 * delta:+.2f} ms")

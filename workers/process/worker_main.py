@@ -249,7 +249,8 @@ class WorkerGroup:
                                 consumers=self.consumer_count, address=self.address,
                                 board_path=str(self.board.path), run_sweeper=index == 0,
                                 settings=self._settings_dict())
-        process = self.context.Process(target=consumer_main, args=(config, receive), name=f"fleet-consumer-{index}")
+        process: Any = self.context.Process(target=consumer_main, args=(config, receive),  # carries cards_pipe
+                                            name=f"fleet-consumer-{index}")
         process.start()
         receive.close()
         process.cards_pipe = send
@@ -300,6 +301,7 @@ class WorkerGroup:
         return None
 
     def _watch(self) -> int:
+        assert self.heartbeat is not None  # run() starts it before it watches
         while not self.stop.requested:
             if not self.device_process.is_alive():
                 return self._device_lost()

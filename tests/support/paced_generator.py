@@ -16,14 +16,14 @@ from workers.serving.registry import ModelSpec
 STEP_S = 0.02
 
 
-def paced_generator(spec: ModelSpec, device: str) -> GenerationEngine:
-    """``spec`` loaded as the loader would, each forward pass held ``STEP_S`` seconds."""
-    engine = load_generator(spec, device)
-    forward = engine._forward
+class PacedEngine(GenerationEngine):
+    """``GenerationEngine`` that waits ``STEP_S`` seconds before each forward pass."""
 
-    def paced_forward(*args, **kwargs):
+    def _forward(self, *args, **kwargs):
         time.sleep(STEP_S)
-        return forward(*args, **kwargs)
+        return super()._forward(*args, **kwargs)
 
-    engine._forward = paced_forward
-    return engine
+
+def paced_generator(spec: ModelSpec, device: str) -> GenerationEngine:
+    """``spec`` loaded as the loader would, in a ``PacedEngine``."""
+    return load_generator(spec, device, engine_class=PacedEngine)

@@ -22,6 +22,7 @@ from typing import Any
 
 from producer.contract import TRAINING_QUEUE
 from workers.process.status_board import State, StatusBoard
+from workers.serving import ipc
 
 log = logging.getLogger("fleet.consumer")
 
@@ -98,7 +99,7 @@ def consumer_main(config: ConsumerConfig, cards_pipe: Any) -> None:
     from workers.serving.device_client import DeviceClient
     from workers.serving.runtime import ConsumerRuntime, ModelCard
 
-    message = cards_pipe.recv()  # blocks until the device process is ready
+    message = ipc.recv_json(cards_pipe)  # blocks until the device process is ready
     if message is None:
         log.info("consumer %d: the group is stopping before it started", config.index)
         board.set_consumer(config.index, State.STOPPED)

@@ -46,6 +46,7 @@ from workers.observability.logs import configure_logging
 from workers.process.devices import DeviceError, parse_device, pin_cuda_device
 from workers.process.health import Heartbeat
 from workers.process.status_board import COMPUTING_SLOTS, MAX_CONSUMERS, State, StatusBoard
+from workers.serving import ipc
 from workers.serving.registry import ModelSpec, RegistryError, load_registry, select, with_trained_models
 from workers.settings import WorkerSettings
 
@@ -274,7 +275,7 @@ class WorkerGroup:
             return self._shutdown(EXIT_LOAD_ERROR)
         self.cards = ready
         for process in self.consumers:
-            process.cards_pipe.send(ready)
+            ipc.send_json(process.cards_pipe, ready)
         self.heartbeat = Heartbeat(self.redis, self.name, self.snapshot, self.settings.heartbeat_interval_s,
                                    self.settings.heartbeat_interval_s * self.settings.heartbeat_ttl_intervals,
                                    catalog=catalog_entries([s for s in self.specs if s.name in served])).start()
@@ -285,7 +286,7 @@ class WorkerGroup:
         while not self.stop.requested:
             if self._device_ready.poll(WATCH_S):
                 try:
-                    message = self._device_ready.recv()
+                    message = ipc.recv_json(self._device_ready)
                 except EOFError:
                     message = {"ok": False, "error": "the device process exited while loading"}
                 if message.get("ok"):
@@ -342,7 +343,7 @@ class WorkerGroup:
                 continue
             if self.cards is None:
                 try:
-                    process.cards_pipe.send(None)  # never started consuming: tell it to go
+                    ipc.send_json(process.cards_pipe, None)  # never started consuming: tell it to go
                 except OSError:
                     pass
             if process.is_alive():

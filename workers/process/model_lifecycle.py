@@ -90,7 +90,7 @@ def restored_models(redis_client: redis.Redis, worker: str, models: list[str], r
     """
     raw = None if reset else redis_client.get(keys.worker_models(worker))
     record = json.loads(raw) if raw else None
-    if record is None or record.get("started_with") != models:
+    if record is None or sorted(record.get("started_with") or []) != sorted(models):
         return Restored(list(models), {}, "--models")
     kept = [ref for ref in record.get("models", []) if ref in registry]
     for ref in set(record.get("models", [])) - set(kept):

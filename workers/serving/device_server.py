@@ -205,6 +205,19 @@ def _tokenizer_file(spec: ModelSpec) -> str | None:
     return path if revision is None and os.path.isfile(path) else None
 
 
+#: Niceness of the thread that loads models into a serving device process (and of the threads it starts).
+LOAD_NICENESS = 10
+
+
+def _lower_thread_priority() -> None:
+    """Make the calling thread yield the CPU to the serving threads (Linux: a thread has its own nice value,
+    inherited by the threads it creates, e.g. the OpenMP team of its torch calls)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LOAD_NICENESS)
+    except (AttributeError, OSError) as exc:  # not Linux, or not allowed: load at the same priority
+        log.info("model loads run at normal priority: %s", exc)
+
+
 def _release_cuda_cache() -> None:
     import torch
 
@@ -245,8 +258,9 @@ class DeviceServer:
         self._pull.bind(_REPLIES)
         self._replies = _Replies(self._context)
         self._training_threads = ThreadPoolExecutor(max_workers=2, thread_name_prefix="device-train")
-        #: Loads and unloads, one at a time, beside the serving threads.
-        self._lifecycle_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="device-lifecycle")
+        #: Loads and unloads, one at a time, beside the serving threads (niced: serving goes first on the CPU).
+        self._lifecycle_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="device-lifecycle",
+                                                    initializer=_lower_thread_priority)
         #: Models unloaded (or being unloaded): a request for one is answered ``unavailable``.
         self._retired: set[str] = set()
         self._cancelled: dict[str, float] = {}
@@ -545,7 +559,7 @@ def _generation_reply(rid: Any, request: Any, engine: Any, outcome: Any) -> list
 def _failure(rid: Any, exc: BaseException, job: str) -> list[bytes]:
     """The failure reply for an exception raised while computing a job."""
     if isinstance(exc, BatcherClosed):
-        return ipc.error_reply(rid, "unavailable", "the device process is stopping")
+        return ipc.error_reply(rid, "unavailable", "its model is being unloaded, or the device process is stopping")
     log.error("job %s failed on the device: %s: %s", job, type(exc).__name__, exc)
     code = ErrorCode.OUT_OF_MEMORY if is_out_of_memory(exc) else ErrorCode.MODEL_ERROR
     return ipc.error_reply(rid, code.value, f"{type(exc).__name__}: {exc}")

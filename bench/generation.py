@@ -125,9 +125,11 @@ def run_engine(model, tokenizer, prompts: list[str], new_tokens: int, max_sequen
     if failed:
         raise RuntimeError(f"{system}: {len(failed)} jobs did not complete: {failed[0]}")
     tokens = sum(o.tokens_generated for o in outcomes)
-    ttft = percentiles(o.ttft_s for o in outcomes) if len(prompts) == concurrency else None
+    # Every completed outcome has a first token, so a time to it.
+    ttft = (percentiles(o.ttft_s for o in outcomes if o.ttft_s is not None) if len(prompts) == concurrency
+            else None)
     return Measurement(system, concurrency, len(prompts), tokens, wall, tokens / wall,
-                       ttft and ttft["p50"], ttft and ttft["p99"])
+                       ttft["p50"] if ttft else None, ttft["p99"] if ttft else None)
 
 
 def run_generate_batch(model, token_ids: list[list[int]], new_tokens: int, device: str) -> Measurement:
@@ -159,7 +161,7 @@ def run_generate_batch(model, token_ids: list[list[int]], new_tokens: int, devic
     tokens = sum(len(r.generated_tokens) for r in results)
     ttft = percentiles(r.timestamps[0] - r.created_time for r in results)
     return Measurement("generate_batch", len(token_ids), len(token_ids), tokens, wall, tokens / wall,
-                       ttft["p50"], ttft["p99"])
+                       ttft["p50"] if ttft else None, ttft["p99"] if ttft else None)
 
 
 def benchmark(model, tokenizer, device: str, levels: list[int], new_tokens: int, serial_cap: int,

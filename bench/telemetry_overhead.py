@@ -4,9 +4,9 @@
 
 1. End to end: sequential ``client.embed([text]).result()`` round trips against a real
    ``fleet worker --device cpu --models minilm`` on a private redis-server, alternating in
-   blocks (ABBA order) between today's ``FleetClient`` (telemetry off: ``setup_producer()`` in ``__init__``,
-   the ``fleet_enqueued_at`` header in every message) and the code path before telemetry
-   (the same client with the previous ``__init__``/``_submit``: no setup call, no header).
+   blocks (ABBA order) between today's submit path (telemetry off: the ``fleet_enqueued_at`` header
+   in every message) and the path before telemetry (the same client with ``enqueue_headers`` giving
+   no header; ``setup_producer()`` runs once per client, outside the timed round trips).
    Every OTEL_*/OTLP_* variable is removed first, for the worker too.
 2. Per call: the added producer work (``setup_producer()`` + ``enqueue_headers()``) and the
    worker helpers (``current_span``, ``tokenize_span``, the batcher's ``BatchScope`` hook,
@@ -25,14 +25,13 @@ import sys
 import tempfile
 import time
 import timeit
-import uuid
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
+from unittest import mock
 
-import redis
-
-from producer import FleetClient, keys
-from producer.contract import TASK_FOR_KIND
-from producer.settings import FleetSettings
+from producer import FleetClient
+from producer import telemetry as producer_telemetry
 from workers.process.launch import LaunchedWorker
 
 REPO = Path(__file__).resolve().parent.parent
@@ -48,36 +47,11 @@ def telemetry_off() -> None:
     os.environ.pop("FLEET_PROMETHEUS_PORT", None)
 
 
-class PreviousClient(FleetClient):
-    """``FleetClient`` as it was before telemetry: no setup call, no enqueue header."""
-
-    def __init__(self, redis_url: str):  # the previous __init__, verbatim but for the setup call
-        from celery import Celery
-
-        from producer.celery_config import celery_config
-        from producer.client import ModelCatalog
-
-        settings = FleetSettings().model_copy(update={"redis_url": redis_url})
-        self.settings = settings
-        self.celery = Celery("fleet-producer", set_as_current=False)
-        self.celery.conf.update(celery_config(settings))
-        self._redis = redis.Redis.from_url(settings.redis_url)
-        self.catalog = ModelCatalog(self._redis, settings.catalog_cache_s)
-
-    def _submit(self, kind, request, priority):  # the previous _submit: send_task without headers=
-        from producer.client import JobHandle
-
-        queue = self.catalog.queue_for(kind, request.model)
-        job_id = str(uuid.uuid4())
-        record = {"kind": kind.value, "model": request.model, "queue": queue, "submitted_at": time.time(),
-                  "stream": "0"}
-        with self._redis.pipeline(transaction=False) as pipe:
-            pipe.hset(keys.job_record(job_id), mapping=record)
-            pipe.expire(keys.job_record(job_id), self.settings.result_expires_s)
-            pipe.execute()
-        self.celery.send_task(TASK_FOR_KIND[kind], args=[request.model_dump(mode="json")], task_id=job_id,
-                              queue=queue, priority=priority)
-        return JobHandle(self, job_id, kind.value)
+@contextmanager
+def previous_code_path() -> Iterator[None]:
+    """The submit path before telemetry, while the block runs: messages carry no enqueue header."""
+    with mock.patch.object(producer_telemetry, "enqueue_headers", dict):
+        yield
 
 
 def start_worker(redis_url: str, name: str) -> LaunchedWorker:
@@ -144,17 +118,19 @@ def main() -> int:
     server = RedisServer().start()
     worker = start_worker(server.url, f"bench-otel-{os.getpid()}")
     try:
-        current, previous = FleetClient(server.url), PreviousClient(server.url)
-        round_trips(current, 20)  # warm both paths, the worker and the catalog cache
-        round_trips(previous, 20)
+        client = FleetClient(server.url)
+        round_trips(client, 20)  # warm both paths, the worker and the catalog cache
+        with previous_code_path():
+            round_trips(client, 20)
         samples: dict[str, list[float]] = {"previous": [], "current": []}
-        clients = [("previous", previous), ("current", current)]
+        paths: list[tuple[str, Callable[[], AbstractContextManager[None]]]] = [
+            ("previous", previous_code_path), ("current", nullcontext)]
         while len(samples["current"]) < args.jobs:
-            for label, client in clients:
-                samples[label] += round_trips(client, args.block)
-            clients.reverse()  # ABBA order: neither variant always runs first
-        current.close()
-        previous.close()
+            for label, path in paths:
+                with path():
+                    samples[label] += round_trips(client, args.block)
+            paths.reverse()  # ABBA order: neither variant always runs first
+        client.close()
     finally:
         worker.stop()
         server.stop()
@@ -164,7 +140,7 @@ def main() -> int:
     print(f"telemetry overhead, {time.strftime('%Y-%m-%d')}, {platform.node()}, {os.cpu_count()} CPUs, "
           f"Python {platform.python_version()}, torch {torch.__version__}, no OTLP endpoint")
     print("submit + result, one text, minilm on a CPU worker, alternating (ABBA) blocks of", args.block)
-    print(f"  previous code path (no setup, no header): {summary(samples['previous'])}")
+    print(f"  previous code path (no header):           {summary(samples['previous'])}")
     print(f"  current, telemetry off:                   {summary(samples['current'])}")
     delta = statistics.median(samples["current"]) - statistics.median(samples["previous"])
     print(f"  difference of medians: {1000 * delta:+.2f} ms")

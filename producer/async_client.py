@@ -323,8 +323,8 @@ class AsyncFleetClient:
     async def _read_stream(self, job_id: str, last_id: str, block_ms: int) -> list[Any]:
         """The next entries of a token stream; none on a Redis error (after ``block_ms``: the wait goes on)."""
         try:
-            reply = await self._command(self._redis.xread, {keys.token_stream(job_id): last_id}, count=64,
-                                        block=block_ms)
+            reply: Any = await self._command(self._redis.xread, {keys.token_stream(job_id): last_id}, count=64,
+                                             block=block_ms)
         except FleetRedisError:
             await asyncio.sleep(block_ms / 1000)
             return []
@@ -419,7 +419,9 @@ class _BatchedReads:
         try:
             for start in range(0, len(job_ids), CHUNK):
                 chunk = job_ids[start:start + CHUNK]
-                values = await self._client._command(self._client._redis.mget, [result_key(job_id) for job_id in chunk])
+                # bytes or None: Fleet's clients do not decode replies (redis-py types them bytes | str).
+                values: list[Any] = await self._client._command(self._client._redis.mget,
+                                                                [result_key(job_id) for job_id in chunk])
                 for job_id, value in zip(chunk, values):
                     for future in wanted.pop(job_id):
                         if not future.done():

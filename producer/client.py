@@ -373,7 +373,8 @@ class FleetClient:
         call_keys, args = settle_call(job_id, unstarted_marker(job_id, reason, time.time()),
                                       self.settings.result_expires_s, reason)
         with redis_errors(self.settings.redis_url):
-            return self._settle_script(keys=call_keys, args=args)
+            stored: bytes | None = self._settle_script(keys=call_keys, args=args)  # redis-py: Script returns Any
+        return stored
 
     def _cancel(self, handle: JobHandle) -> None:
         with redis_errors(self.settings.redis_url):

@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
 import kombu.exceptions
@@ -39,6 +39,9 @@ from producer.errors import FleetConnectionError, RedisCommandError, RedisURLErr
 from producer.settings import FleetSettings
 from producer.urls import SENTINEL_SCHEME, is_sentinel_url, redacted_url
 from producer.version_guard import require_tested_version
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis as AsyncRedis
 
 __all__ = [
     "redis_client", "async_redis_client", "wait_client", "patient_retry", "redis_errors", "is_sentinel_url",
@@ -118,12 +121,13 @@ class MasterFollowingConnection(SentinelManagedConnection):
     reconnects through ``connect()`` makes it follow the promoted replica within one retry.
     """
 
-    def connect_check_health(self, check_health: bool = True, retry_socket_connect: bool = True):
+    def connect_check_health(self, check_health: bool = True, retry_socket_connect: bool = True) -> None:
         if self._sock:
-            return None
+            return
         if not retry_socket_connect:  # called by connect_to() with a freshly looked-up address
-            return super().connect_check_health(check_health=check_health, retry_socket_connect=False)
-        return self.connect()
+            super().connect_check_health(check_health=check_health, retry_socket_connect=False)
+            return
+        self.connect()  # type: ignore[no-untyped-call]  # redis-py leaves connect() unannotated
 
 
 @dataclass(frozen=True)
@@ -173,7 +177,8 @@ def sentinel_master_name(settings: FleetSettings) -> str:
     return settings.sentinel_master
 
 
-def _sentinel_parts(settings: FleetSettings, options: dict[str, Any]) -> tuple[SentinelURL, str, dict, dict]:
+def _sentinel_parts(settings: FleetSettings, options: dict[str, Any]
+                    ) -> tuple[SentinelURL, str, dict[str, Any], dict[str, Any]]:
     spec = parse_sentinel_url(settings.redis_url)
     master = sentinel_master_name(settings)
     # Sentinels get only the socket options (no password: the URL's credentials are the master's).
@@ -207,10 +212,11 @@ def redis_client(settings: FleetSettings, *, patient: bool = True, **options: An
     spec, master, sentinel_kwargs, master_kwargs = _sentinel_parts(settings, options)
     require_tested_version("redis", "producer.redis_connection.MasterFollowingConnection")
     sentinel = Sentinel(spec.sentinels, sentinel_kwargs=sentinel_kwargs)
-    return sentinel.master_for(master, **master_kwargs)
+    client: redis.Redis = sentinel.master_for(master, **master_kwargs)  # redis-py leaves its return type out
+    return client
 
 
-def async_redis_client(settings: FleetSettings, *, patient: bool = True, **options: Any):
+def async_redis_client(settings: FleetSettings, *, patient: bool = True, **options: Any) -> AsyncRedis:
     """The asyncio twin of ``redis_client`` (``redis.asyncio.Redis``), with the same retry policy.
 
     ``max_connections`` (an option) bounds the connections of its pool, Sentinel or not.
@@ -230,7 +236,8 @@ def async_redis_client(settings: FleetSettings, *, patient: bool = True, **optio
     if master_kwargs.get("connection_class") is MasterFollowingConnection:
         del master_kwargs["connection_class"]  # sync class; the asyncio client keeps redis-py's own
     sentinel = AsyncSentinel(spec.sentinels, sentinel_kwargs=sentinel_kwargs)
-    return sentinel.master_for(master, **master_kwargs)
+    client: AsyncRedis = sentinel.master_for(master, **master_kwargs)  # redis-py leaves its return type out
+    return client
 
 
 def text(reply: bytes | str) -> str:

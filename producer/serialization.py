@@ -44,7 +44,8 @@ def dumps(value: Any) -> bytes:
     try:
         return orjson.dumps(value, default=_default, option=_OPTIONS)
     except orjson.JSONEncodeError:  # e.g. an integer beyond 64 bits
-        return kombu_json.dumps(value).encode()
+        written: str = kombu_json.dumps(value)  # kombu leaves its return type out
+        return written.encode()
 
 
 def dumps_strict(value: Any) -> bytes:
@@ -71,8 +72,8 @@ def loads(data: bytes | bytearray | memoryview | str) -> Any:
     """Inverse of ``dumps``; accepts whatever kombu's JSON reader accepts."""
     if isinstance(data, (memoryview, bytearray)):
         data = bytes(data)
-    marker = _TYPE_MARKER if isinstance(data, bytes) else _TYPE_MARKER.decode()
-    if marker in data:
+    has_marker = _TYPE_MARKER in data if isinstance(data, bytes) else _TYPE_MARKER.decode() in data
+    if has_marker:
         return kombu_json.loads(data)
     try:
         return orjson.loads(data)

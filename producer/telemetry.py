@@ -35,7 +35,7 @@ import threading
 import time
 import uuid
 from collections.abc import Mapping
-from typing import Any
+from typing import IO, Any, Literal
 
 from producer.optional import require_extra
 
@@ -47,7 +47,9 @@ ENQUEUED_AT_HEADER = "fleet_enqueued_at"
 ENDPOINT_ENV = "OTEL_EXPORTER_OTLP_ENDPOINT"
 #: The seed's name for ``OTEL_EXPORTER_OTLP_ENDPOINT``, accepted as an alias.
 ENDPOINT_ALIAS_ENV = "OTLP_ENDPOINT"
-_SIGNALS = ("traces", "metrics", "logs")
+#: The OpenTelemetry signals, as the SDK's configurator names them.
+Signal = Literal["traces", "metrics", "logs"]
+_SIGNALS: tuple[Signal, ...] = ("traces", "metrics", "logs")
 _ENDPOINT_VARIABLES = (ENDPOINT_ENV, ENDPOINT_ALIAS_ENV,
                        *(f"OTEL_EXPORTER_OTLP_{s.upper()}_ENDPOINT" for s in _SIGNALS))
 #: Signals Fleet sends over OTLP by default once an endpoint is set (logs are opt-in).
@@ -86,7 +88,7 @@ def prometheus_export_on(environ: Mapping[str, str] | None = None) -> bool:
     return configured(env) and "prometheus" in _exporter_names(env, "metrics")
 
 
-def default_exporters(environ: Mapping[str, str] | None = None) -> dict[str, list[str]]:
+def default_exporters(environ: Mapping[str, str] | None = None) -> dict[Signal, list[str]]:
     """Exporters Fleet adds per signal: ``otlp`` for traces and metrics when an endpoint is set and
     the signal's ``OTEL_<SIGNAL>_EXPORTER`` is unset; the SDK adds whatever that variable names."""
     env = os.environ if environ is None else environ
@@ -136,7 +138,7 @@ def installed() -> bool:
     return _installed
 
 
-def _configure_sdk(resource_attributes: Mapping[str, Any], exporters: Mapping[str, list[str]]) -> None:
+def _configure_sdk(resource_attributes: Mapping[str, Any], exporters: Mapping[Signal, list[str]]) -> None:
     """Run the SDK's configurator (as a distro does) with Fleet's defaults."""
     from opentelemetry.sdk import _configuration
     from opentelemetry.sdk.version import __version__ as sdk_version
@@ -153,7 +155,8 @@ def _configure_sdk(resource_attributes: Mapping[str, Any], exporters: Mapping[st
     # Names given here skip the SDK's OTEL_EXPORTER_OTLP_*_PROTOCOL lookup; resolve "otlp" as it would.
     entry_points = {signal: [_configuration._get_exporter_entry_point(name, signal) for name in names]
                     for signal, names in exporters.items()}
-    FleetConfigurator().configure(resource_attributes=dict(resource_attributes),
+    # opentelemetry-sdk leaves _BaseConfigurator.__new__ and configure() unannotated.
+    FleetConfigurator().configure(resource_attributes=dict(resource_attributes),  # type: ignore[no-untyped-call]
                                   trace_exporter_names=entry_points["traces"],
                                   metric_exporter_names=entry_points["metrics"],
                                   log_exporter_names=entry_points["logs"])
@@ -312,7 +315,7 @@ def current_trace_ids() -> tuple[str | None, str | None]:
     return f"{context.trace_id:032x}", f"{context.span_id:016x}"
 
 
-def configure_json_logging(level: str | None = None, stream=None) -> logging.Handler:
+def configure_json_logging(level: str | None = None, stream: IO[str] | None = None) -> logging.Handler:
     """For producer applications: JSON lines on stderr at ``level`` (default ``$FLEET_LOG_LEVEL`` or INFO)."""
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter())

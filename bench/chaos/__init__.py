@@ -31,7 +31,7 @@ command line and the report).
 
 Counts printed (docs/RELIABILITY.md defines them): submitted, completed, failed as expected,
 lost (of which lost in delivery and lost otherwise), wrong, failed unexpectedly, dead-lettered,
-duplicated, computed twice, stored twice, redelivered, orphan results. Exit status 1 if any of
+duplicated, computed twice, stored twice, crash charged, orphan results. Exit status 1 if any of
 wrong, failed unexpectedly, dead-lettered, duplicated or lost otherwise is not zero, or if more
 jobs were lost in delivery than workers were SIGKILLed.
 """

@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             job_id = key.decode()[len("celery-task-meta-"):]
             result_keys[job_id] += 1
             orphans += job_id not in submitted_ids
-        attempts = {}
+        crash_charges = {}
         for start in range(0, len(submitter.submitted), 1000):
             chunk = [job.id for job in submitter.submitted[start:start + 1000]]
             with client.pipeline(transaction=False) as pipe:
@@ -118,7 +118,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 values = pipe.execute()
             for job_id, value in zip(chunk, values):
                 if value is not None:
-                    attempts[job_id] = int(value)
+                    crash_charges[job_id] = int(value)
         dead_letters = client.hlen(keys.DEAD_LETTERS)
         client.close()
         computed_twice = sum(1 for job in submitter.submitted if len(runs.get(job.id, ())) >= 2)
@@ -139,7 +139,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "failed_unexpectedly": outcomes["failed_unexpectedly"], "dead_lettered": outcomes["dead_lettered"],
             "duplicated": sum(1 for count in result_keys.values() if count > 1),
             "computed_twice": computed_twice, "stored_twice": stored_twice,
-            "redelivered": sum(1 for count in attempts.values() if count > 1),
+            "crash_charged": sum(1 for count in crash_charges.values() if count > 0),
             "orphan_results": orphans, "dlq_entries": dead_letters,
             "submission_errors_retried": dict(submitter.submit_errors),
             "elapsed_s": round(elapsed, 1), "events": fleet.events, "problems": problems,

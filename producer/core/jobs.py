@@ -16,13 +16,16 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
 from producer.core.options import SubmitOptions
 from producer.core.requests import task_for
 from producer.errors import InvalidRequestError, JobIdConflictError
+
+if TYPE_CHECKING:
+    from redis.typing import EncodableT, FieldT
 
 #: Celery's Redis result backend stores a job's result meta under this prefix + job id, and
 #: publishes every state it stores on the pub/sub channel of the same name.
@@ -111,7 +114,7 @@ class JobPlan:
     def fingerprint(self) -> str:
         return request_fingerprint(self.kind, self.request)
 
-    def record(self, submitted_at: float) -> dict[str, str | int | float]:
+    def record(self, submitted_at: float) -> dict[FieldT, EncodableT]:
         """The ``keys.job_record`` hash written for the job.
 
         ``task``, ``priority``, ``expires``, ``result_ttl_s`` and ``request`` let the delivery sweeper send

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from pydantic import BaseModel
+
 from producer.core.results import ResultMeta, decode_meta, outcome
 from producer.core.router import Coverage
 from producer.errors import JobTimeoutError
@@ -124,7 +126,7 @@ class Wait:
         return leftovers + timed_out
 
 
-def raise_or_return(pairs: list[tuple[Any, Any]]) -> Any:
+def raise_or_return(pairs: Sequence[tuple[object, BaseModel | BaseException]]) -> BaseModel:
     """The one outcome of a single-job wait: its result, or raise its error."""
     (_, result), = pairs
     if isinstance(result, BaseException):

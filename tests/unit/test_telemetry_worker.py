@@ -204,3 +204,12 @@ def test_enqueued_at_header_forms():
     assert telemetry.enqueued_at(SimpleNamespace(headers={"fleet_enqueued_at": 3})) == 3.0
     assert telemetry.enqueued_at(SimpleNamespace(headers=None)) is None
     assert telemetry.enqueued_at(SimpleNamespace(fleet_enqueued_at="garbage")) is None
+
+
+def test_instruments_annotations_name_exactly_the_table_rows():
+    """``Instruments`` creates its attributes from ``HISTOGRAMS`` and ``GAUGES``; its annotations (what mypy
+    checks callers against) must name the same attributes, no more, no fewer."""
+    from workers.observability.instruments import GAUGES, HISTOGRAMS, Instruments
+
+    created = {row[0] for row in HISTOGRAMS} | {row[0] for row in GAUGES} | {"jobs_in_flight"}
+    assert set(Instruments.__annotations__) == created

@@ -24,15 +24,15 @@ def _registry(registry_path: str | None):
     import redis
 
     from producer import keys
-    from producer.redis_connection import RedisURLError, redis_client
+    from producer.redis_connection import RedisURLError, redis_client, text
     from workers.serving.registry import load_registry, with_trained_models
     from workers.settings import WorkerSettings
 
-    settings = WorkerSettings(**({"model_registry": registry_path} if registry_path else {}))
+    settings = WorkerSettings(model_registry=registry_path) if registry_path else WorkerSettings()
     registry = load_registry(settings.model_registry)
     try:
         client = redis_client(settings, patient=False, socket_connect_timeout=2, socket_timeout=2)
-        trained = {name.decode(): raw.decode() for name, raw in client.hgetall(keys.TRAINED_MODELS).items()}
+        trained = {text(name): text(raw) for name, raw in client.hgetall(keys.TRAINED_MODELS).items()}
     except (RedisURLError, redis.RedisError) as exc:
         return registry, f"trained models not looked up: Redis at REDIS_URL did not answer ({exc})"
     return with_trained_models(registry, trained), None

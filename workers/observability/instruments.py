@@ -21,7 +21,10 @@ installs one they record. Units follow UCUM (``s``, ``By``, ``{job}``); fraction
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from opentelemetry.metrics import CallbackOptions, Histogram, Meter, Observation, UpDownCounter, _Gauge
 
 #: Seconds-valued histograms: from a millisecond forward pass to an hour in the queue.
 SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
@@ -76,7 +79,19 @@ class Instruments:
     Attributes: the first column of ``HISTOGRAMS`` and ``GAUGES``, and ``jobs_in_flight``.
     """
 
-    def __init__(self, meter=None):
+    # Set from the HISTOGRAMS and GAUGES tables in __init__ (a unit test keeps the two in step).
+    job_duration: Histogram
+    queue_wait: Histogram
+    batch_size: Histogram
+    forward_duration: Histogram
+    time_to_first_token: Histogram
+    time_per_output_token: Histogram
+    training_progress: _Gauge
+    training_loss: _Gauge
+    model_accuracy: _Gauge
+    jobs_in_flight: UpDownCounter
+
+    def __init__(self, meter: Meter | None = None) -> None:
         from opentelemetry import metrics
 
         from producer.telemetry import fleet_version
@@ -98,7 +113,7 @@ class Instruments:
         """
         from opentelemetry.metrics import Observation
 
-        def callback(_options):
+        def callback(_options: CallbackOptions) -> list[Observation]:
             return [Observation(value, dict(attributes)) for value, attributes in observe()]
 
         create = self.meter.create_observable_up_down_counter if up_down else self.meter.create_observable_gauge

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from opentelemetry import trace
+from opentelemetry.util.types import AnyValue
 
 from producer import telemetry as base
 from producer.contract import TASK_FOR_KIND, TASK_TRAIN, TRAINING_QUEUE
@@ -110,9 +111,10 @@ def forward_span(model: str, kind: str, device: str, dtype: Any, input_shape: Se
     just its launch.
     """
     shape = [int(d) for d in input_shape]
-    attributes = {names.MODEL: model, names.KIND: kind, names.DEVICE: device,
-                  "ml.dtype": str(dtype).removeprefix("torch."), "ml.input.shape": shape,
-                  "ml.batch.size": shape[0] if shape else 0, "ml.seq_len": shape[1] if len(shape) > 1 else 0}
+    attributes: dict[str, AnyValue] = {names.MODEL: model, names.KIND: kind, names.DEVICE: device,
+                                       "ml.dtype": str(dtype).removeprefix("torch."), "ml.input.shape": shape,
+                                       "ml.batch.size": shape[0] if shape else 0,
+                                       "ml.seq_len": shape[1] if len(shape) > 1 else 0}
     started = time.perf_counter()
     try:
         with tracer.start_as_current_span("fleet.forward", attributes=attributes) as span:
@@ -157,8 +159,8 @@ class BatchScope:
                      if span is not None and span.get_span_context().is_valid}.values())
         size = len(info.enqueued_at)
         kind = self.kinds.get(model, "unknown")
-        attributes = {names.MODEL: model, names.KIND: kind, names.DEVICE: self.device, "ml.batch.size": size,
-                      "fleet.batch.jobs": len(jobs)}
+        attributes: dict[str, AnyValue] = {names.MODEL: model, names.KIND: kind, names.DEVICE: self.device,
+                                           "ml.batch.size": size, "fleet.batch.jobs": len(jobs)}
         if info.enqueued_at:
             attributes["fleet.batch.oldest_wait_s"] = max(0.0, time.monotonic() - min(info.enqueued_at))
         parent = trace.set_span_in_context(jobs[0]) if jobs else None

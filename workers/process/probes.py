@@ -28,11 +28,18 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Protocol
 
 log = logging.getLogger(__name__)
 
 Check = Callable[[], bool]
+
+
+class ProbeAnswer(Protocol):
+    """What ``ProbeServer`` asks of each of its questions (``Liveness``, ``Readiness``, the worker group's own):
+    ``check()`` returns ``(yes, details)``, the details a JSON-ready dict."""
+
+    def check(self) -> tuple[bool, dict[str, Any]]: ...
 
 
 @dataclass
@@ -119,7 +126,7 @@ class Flag:
 class ProbeServer:
     """``/livez``, ``/readyz`` and optionally ``/metrics`` on ``host:port`` (port 0: a free one)."""
 
-    def __init__(self, liveness: Liveness, readiness: Readiness, port: int, *, host: str = "0.0.0.0",
+    def __init__(self, liveness: ProbeAnswer, readiness: ProbeAnswer, port: int, *, host: str = "0.0.0.0",
                  metrics: Callable[[], bytes] | None = None):
         routes: dict[str, Callable[[], tuple[int, str, bytes]]] = {
             "/livez": lambda: _json_answer(*liveness.check()),

@@ -125,7 +125,7 @@ class StatusBoard:
         return cls(Path(path), memory, consumers)
 
     @classmethod
-    def attach(cls, path: Path) -> StatusBoard:
+    def attach(cls, path: str | os.PathLike[str]) -> StatusBoard:
         """Open the board another process of the group created."""
         memory = _map(Path(path))
         magic, consumers = _HEADER.unpack_from(memory, 0)

@@ -275,8 +275,8 @@ class WorkerGroup:
                                 consumers=self.consumer_count, address=self.address,
                                 board_path=str(self.board.path), run_sweeper=index == 0,
                                 settings=self._settings_dict())
-        process = self.context.Process(target=consumer_main, args=(config, receive, forward),
-                                       name=f"fleet-consumer-{index}")
+        process: Any = self.context.Process(target=consumer_main, args=(config, receive, forward),  # carries pipes
+                                            name=f"fleet-consumer-{index}")
         with self._plan_lock:
             process.start()
             receive.close()
@@ -356,6 +356,7 @@ class WorkerGroup:
         return None
 
     def _watch(self) -> int:
+        assert self.heartbeat is not None  # run() starts it before it watches
         while not self.stop.requested:
             if not self.device_process.is_alive():
                 return self._device_lost()

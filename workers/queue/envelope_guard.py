@@ -19,6 +19,7 @@ envelope names none. The wrapper refuses to install on a kombu or Celery outside
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import uuid
@@ -54,9 +55,8 @@ def install() -> None:
             _refuse_item(self, exc)
             return True
 
-    _brpop_read.__doc__ = original.__doc__
-    _brpop_read.__wrapped__ = original
-    channel_cls._brpop_read = _brpop_read
+    functools.update_wrapper(_brpop_read, original, assigned=("__doc__",), updated=())  # __doc__, __wrapped__
+    setattr(channel_cls, "_brpop_read", _brpop_read)  # noqa: B010 - patching a method (mypy refuses the assignment)
     setattr(channel_cls, _INSTALLED_FLAG, True)
 
 

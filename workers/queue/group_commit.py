@@ -89,6 +89,7 @@ class GroupCommit:
             with self._lock:
                 self.round_trips += 1
                 self.entries += len(batch)
+                successor: _Entry | None
                 if self._pending:
                     successor = self._pending[0]
                     successor.lead = True

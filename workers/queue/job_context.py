@@ -31,7 +31,8 @@ import logging
 import os
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from functools import cached_property
+from typing import Any, NoReturn
 
 from celery import states
 from celery.exceptions import Ignore
@@ -67,18 +68,16 @@ class JobContext:
         self.task = task
         self.job_id: str = task.request.id
         self.isolate = False
-        self._traceparent: str | None | bool = False
 
     @property
     def redis(self):
         return self.task.backend.client
 
-    @property
+    @cached_property
     def traceparent(self) -> str | None:
-        """The W3C ``traceparent`` of this job's span (None without telemetry), for the device's batch span."""
-        if self._traceparent is False:
-            self._traceparent = telemetry.current_traceparent()
-        return self._traceparent
+        """The W3C ``traceparent`` of this job's span (None without telemetry), for the device's batch span;
+        read once, at the first use."""
+        return telemetry.current_traceparent()
 
     # --- start -------------------------------------------------------------------------------
 
@@ -133,7 +132,7 @@ class JobContext:
         """The message's priority, 0 (first) to 9; 0 when it has none."""
         return int((self.task.request.delivery_info or {}).get("priority") or 0)
 
-    def stop_as_expired(self) -> None:
+    def stop_as_expired(self) -> NoReturn:
         """Store REVOKED("expired"), as Celery does for jobs it drops at receipt, and end the task."""
         self.task.backend.mark_as_revoked(self.job_id, reason="expired", request=self.task.request)
         raise Ignore()
@@ -142,7 +141,7 @@ class JobContext:
         """True once ``handle.cancel()`` was called for this job (one EXISTS)."""
         return bool(self.job_id) and bool(self.redis.exists(keys.cancel_flag(self.job_id)))
 
-    def stop_as_cancelled(self) -> None:
+    def stop_as_cancelled(self) -> NoReturn:
         """Store REVOKED for this job and end the task without a result (the message is acked)."""
         self.task.backend.mark_as_revoked(self.job_id, reason="cancelled", request=self.task.request)
         raise Ignore()

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import redis
 from celery import states
 from celery.backends.redis import RedisBackend, SentinelBackend
 from celery.exceptions import BackendStoreError
@@ -68,6 +69,10 @@ def result_ttl(request: Any, default: int | None) -> int | None:
 
 class FleetResultsMixin:
     """The changes above, over Celery's ``RedisBackend`` (and its Sentinel subclass)."""
+
+    # What this mixin uses of the RedisBackend it is mixed into.
+    client: redis.Redis
+    _MAX_STR_VALUE_SIZE: int
 
     @property
     def group_commit(self) -> GroupCommit:

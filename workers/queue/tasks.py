@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from celery.exceptions import Ignore, Reject
 from celery.utils.time import maybe_iso8601
@@ -40,8 +40,12 @@ from workers.serving.device_client import DeviceLost
 
 log = logging.getLogger(__name__)
 
+RequestT = TypeVar("RequestT", bound=BaseModel)
+#: The request of an inference task (each names its ``model``).
+InferenceRequestT = TypeVar("InferenceRequestT", EmbedRequest, ClassifyRequest, GenerateRequest)
 
-def parse_payload(request_cls: type[BaseModel], args: tuple, kwargs: dict) -> BaseModel:
+
+def parse_payload(request_cls: type[RequestT], args: tuple, kwargs: dict) -> RequestT:
     """Turn a task's raw arguments into ``request_cls`` or raise ``JobFailedError(invalid_input)``.
 
     The wire format is exactly one positional JSON object (docs/PROTOCOL.md).
@@ -140,7 +144,8 @@ def starts() -> GroupCommit:
     return _starts
 
 
-Execute = Callable[[Any, Any, JobContext], dict]
+#: An inference function: ``execute(runtime, request, context)`` returns the JSON-ready result.
+Execute = Callable[[Any, InferenceRequestT, JobContext], dict[str, Any]]
 
 
 def begin(task) -> tuple[JobContext, Start]:
@@ -170,8 +175,8 @@ def refuse_crashed_too_often(context: JobContext, start: Start, payload: Any, ma
     return attempt
 
 
-def run_job(task, kind: ModelKind, request_cls: type[BaseModel], args: tuple, kwargs: dict,
-            execute: Execute) -> dict:
+def run_job(task, kind: ModelKind, request_cls: type[InferenceRequestT], args: tuple, kwargs: dict,
+            execute: Execute[InferenceRequestT]) -> dict[str, Any]:
     """Start, validate, run ``execute(runtime, request, context)`` and return its JSON-ready result.
 
     A run the model fails is retried (backoff) until the job has had ``max_attempts`` attempts,

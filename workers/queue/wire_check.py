@@ -23,7 +23,8 @@ from typing import Any
 #: The one content type Fleet reads (kombu's name for its ``json`` serializer).
 JSON_CONTENT_TYPE = "application/json"
 #: What ``embed``, the third item of a protocol-2 body, may hold, and the JSON type of each value.
-EMBED_FIELDS: dict[str, type] = {"callbacks": list, "errbacks": list, "chain": list, "chord": dict}
+EMBED_FIELDS: dict[str, type[list[Any]] | type[dict[str, Any]]] = {
+    "callbacks": list, "errbacks": list, "chain": list, "chord": dict}
 #: Keyword arguments that collide with the bound task's own parameter.
 RESERVED_KEYWORDS = frozenset({"self"})
 #: How much of a refused body, headers or error the worker quotes back (characters).

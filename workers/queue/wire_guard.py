@@ -97,7 +97,10 @@ class GuardedConsumer(Consumer):
                                          f"{excerpt(str(exc))}"))
 
     def refuse(self, message, read: TaskMessage) -> None:
-        """Dead-letter the message, answer ``read.job_id`` with FAILURE ``invalid_message``, then acknowledge it."""
+        """Dead-letter the message, answer ``read.job_id`` with FAILURE ``invalid_message``, then acknowledge it.
+
+        ``read`` is a refused reading: its ``problem`` is set (``TaskMessage.refuse``)."""
+        assert read.problem is not None, "refuse() takes a refused TaskMessage"
         backend = self.app.backend
         entry_id = read.job_id or f"{UNNAMED_PREFIX}{uuid.uuid4()}"
         dead_letter(backend.client, entry_id, task=read.task or "", queue=_routing_key(message),

@@ -34,7 +34,7 @@ class DeviceClient:
         self.address = address
         self._board = board
         self._poll_ms = max(1, int(poll_s * 1000))
-        self._context = zmq.Context.instance()
+        self._context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self._local = threading.local()
         self._rids = itertools.count(1)
         self._sockets: list[zmq.Socket] = []

@@ -250,7 +250,7 @@ class DeviceServer:
         self.board = board
         self.settings = settings
         self.device = device
-        self._context = zmq.Context.instance()
+        self._context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self._router = self._context.socket(zmq.ROUTER)
         self._router.setsockopt(zmq.LINGER, 0)
         self._router.bind(address)

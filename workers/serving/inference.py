@@ -127,7 +127,7 @@ def classify(runtime: ConsumerRuntime, request: ClassifyRequest, context: Any) -
     """The ``top_k`` labels per input by softmax score (texts for text models, ``inputs`` for feature models)."""
     card = runtime.model(request.model, ModelKind.CLASSIFY)
     if request.texts is not None and card.input_kind == "texts":
-        payloads = _tokenise(runtime, card, list(request.texts))
+        payloads: tuple[bytes, ...] = _tokenise(runtime, card, list(request.texts))
         header: dict[str, Any] = {}
     elif request.inputs is not None and card.input_kind == "features":
         wrong = [i for i, vector in enumerate(request.inputs) if len(vector) != card.features]

@@ -39,7 +39,7 @@ import orjson
 Frames = list[bytes]
 
 
-def pack(header: dict[str, Any], *payloads: bytes | memoryview) -> Frames:
+def pack(header: dict[str, Any], *payloads: bytes) -> Frames:
     """Header plus binary frames, ready for ``socket.send_multipart``."""
     return [orjson.dumps(header), *payloads]
 

@@ -352,6 +352,7 @@ def _build(exportable: Exportable, staging: Path, quantize: str | None) -> OnnxM
         program = torch.onnx.export(exportable.module, exportable.example, dynamo=True, verbose=False,
                                     opset_version=OPSET, input_names=[s.name for s in inputs],
                                     output_names=[s.name for s in outputs], dynamic_shapes=dynamic)
+        assert program is not None  # torch.onnx.export returns None only when dynamo=False
         program.save(str(fp32), external_data=False)
     graph_inputs, graph_outputs, got = _run_graph(fp32, exportable)
     if (graph_inputs, graph_outputs) != (inputs, outputs):

@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Final, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -32,7 +32,7 @@ from workers.serving.refusal import ModelRefused
 
 GRAPH_FILE = "model.onnx"
 MANIFEST_FILE = "manifest.json"
-MANIFEST_FORMAT = "fleet-onnx/1"
+MANIFEST_FORMAT: Final = "fleet-onnx/1"
 #: The ai.onnx opset of every export: ``Gelu``, which BERT encoders use, is an opset-20 operator.
 OPSET = 20
 BATCH_AXIS = "batch"

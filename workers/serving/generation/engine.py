@@ -151,6 +151,7 @@ class GenerationEngine:
         """Run one short sequence through prefill and decode (first-call costs); raise if it fails."""
         outcome = self.submit(f"warmup-{uuid.uuid4()}", "warm up", Sampling(max_new_tokens=2)).wait()
         if outcome.finish is Finish.FAILED:
+            assert outcome.error is not None  # FAILED always carries the exception (Finish.FAILED)
             raise outcome.error
 
     def close(self, drain_s: float = 0.0) -> list[str]:
@@ -275,18 +276,20 @@ class GenerationEngine:
         """One token for every running sequence."""
         started = time.monotonic()
         rows = list(self._running)
+        kv = self._kv
+        assert kv is not None  # it holds the running rows, and this runs only while some run
         ids = torch.tensor([[s.tokens[-1]] for s in rows], device=self.device)
         positions = torch.tensor([[s.next_position] for s in rows], device=self.device)
         try:
-            logits = self._forward(ids, self._kv.next_step_mask(), positions, self._kv.cache)
+            logits = self._forward(ids, kv.next_step_mask(), positions, kv.cache)
             tokens = next_tokens(logits, [s.sampling for s in rows], [s.generator for s in rows])
         except Exception as exc:  # noqa: BLE001 - the batch failed: end its sequences, keep serving
             self._leave([(s, Finish.FAILED) for s in rows], exc)
             return
-        previous = [s.last_token_at for s in rows]
+        previous = [s.last_token_at for s in rows]  # set in every running row: prefill gave each its first token
         now = time.monotonic()
         self._leave(self._accept(rows, tokens, now))
-        self._report("decode", rows, len(rows), started, [now - at for at in previous])
+        self._report("decode", rows, len(rows), started, [now - at for at in previous if at is not None])
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache, **extra) -> torch.Tensor:
         output = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
@@ -317,6 +320,7 @@ class GenerationEngine:
                 staying = [row for row, s in enumerate(self._running) if id(s) not in leaving]
                 self._running = [self._running[row] for row in staying]
                 if staying:
+                    assert self._kv is not None  # it holds the running rows
                     self._kv.keep(staying)
                 else:
                     self._kv = None

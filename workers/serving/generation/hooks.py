@@ -60,8 +60,8 @@ class EngineStats:
     def __init__(self, samples: int = 2048, rate_window_s: float = 10.0):
         self._lock = threading.Lock()
         self._rate_window_s = rate_window_s
-        self._ttft = collections.deque(maxlen=samples)
-        self._itl = collections.deque(maxlen=samples)
+        self._ttft: collections.deque[float] = collections.deque(maxlen=samples)
+        self._itl: collections.deque[float] = collections.deque(maxlen=samples)
         self._recent_tokens: collections.deque[tuple[float, int]] = collections.deque()
         self.tokens_generated = 0
         self.steps = {"prefill": 0, "decode": 0}

@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import overload
 
 import torch
 
@@ -64,6 +65,12 @@ class SequenceHandle:
         self.job_id = job_id
         self._done = threading.Event()
         self._outcome: Outcome | None = None
+
+    @overload
+    def wait(self, timeout: None = None) -> Outcome: ...
+
+    @overload
+    def wait(self, timeout: float) -> Outcome | None: ...
 
     def wait(self, timeout: float | None = None) -> Outcome | None:
         """The outcome once the sequence ended, or None if ``timeout`` seconds passed first."""
@@ -131,13 +138,16 @@ class Sequence:
     def end(self, finish: Finish, error: BaseException | None = None) -> Outcome:
         """Record how the sequence ended (first call wins) and return the outcome."""
         if self.outcome is None:
-            ended = self.last_token_at if finish.completed else time.monotonic()
+            decode_s = None
+            if self.first_token_at is not None and self.last_token_at is not None:  # accept() sets both
+                ended = self.last_token_at if finish.completed else time.monotonic()
+                decode_s = ended - self.first_token_at
             self.outcome = Outcome(
                 job_id=self.job_id, finish=finish, text=self.text.streamed,
                 tokens_generated=len(self.tokens), prompt_tokens=len(self.prompt_ids),
                 queued_s=None if self.started_at is None else self.started_at - self.submitted_at,
                 ttft_s=None if self.first_token_at is None else self.first_token_at - self.submitted_at,
-                decode_s=None if self.first_token_at is None else ended - self.first_token_at, error=error)
+                decode_s=decode_s, error=error)
         return self.outcome
 
     def _stream(self, piece: str) -> None:

@@ -25,6 +25,7 @@ and the worker logs why. ONNX Runtime's intra-op threads spin while waiting for 
 
 from __future__ import annotations
 
+import abc
 import logging
 import os
 from pathlib import Path
@@ -155,7 +156,7 @@ class _OnnxModel:
         return output
 
 
-class _OnnxTextModel(_OnnxModel):
+class _OnnxTextModel(_OnnxModel, abc.ABC):
     """A text graph: tokenizer files beside it, truncation at the registry's ``max_seq_len``."""
 
     def __init__(self, spec: ModelSpec, device: str, directory: Path, manifest: OnnxManifest, session):
@@ -177,6 +178,10 @@ class _OnnxTextModel(_OnnxModel):
         padded = self.tokenizer.pad({"input_ids": id_lists}, padding=True, return_tensors="np")
         return {name: padded[name].astype(np.int64, copy=False) for name in ("input_ids", "attention_mask")}
 
+    @abc.abstractmethod
+    def run_batch(self, id_lists: list[list[int]], info: object = None) -> list[torch.Tensor]:
+        """One float32 output row per input's token ids (the batcher calls it)."""
+
     def warmup(self) -> None:
         self.run_batch(self.encode_each(["warm-up sentence", "a second, somewhat longer warm-up sentence"]))
 
@@ -186,7 +191,9 @@ class OnnxEmbedder(_OnnxTextModel):
 
     def __init__(self, spec: ModelSpec, device: str, directory: Path, manifest: OnnxManifest, session):
         super().__init__(spec, device, directory, manifest, session)
-        self.dim = int(manifest.dim)
+        if manifest.dim is None:
+            raise OnnxModelError(f"{directory}: the manifest of an embed model gives no dim")
+        self.dim = manifest.dim
 
     def run_batch(self, id_lists: list[list[int]], info: object = None) -> list[torch.Tensor]:
         """One pooled (not normalised) float32 vector per input."""

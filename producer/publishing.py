@@ -160,7 +160,7 @@ class Publisher:
         self._refresh_catalog()
         self._catalog.refuse_taken_name(name, trained=bool(self._redis.hexists(keys.TRAINED_MODELS, name)))
 
-    def heartbeats(self) -> list[bytes | None]:
+    def heartbeats(self) -> list[bytes | str | None]:
         """Every worker's heartbeat body (None for one that expired), read now (two round trips)."""
         with redis_errors(self.settings.redis_url):
             return self._catalog_and_heartbeats()[1]
@@ -170,7 +170,7 @@ class Publisher:
         raw_catalog, heartbeats = self._catalog_and_heartbeats()
         self._catalog.load(parse_catalog(raw_catalog), live_models(heartbeats), time.monotonic())
 
-    def _catalog_and_heartbeats(self) -> tuple[Any, list[bytes | None]]:
+    def _catalog_and_heartbeats(self) -> tuple[Any, list[bytes | str | None]]:
         with self._redis.pipeline(transaction=False) as pipe:
             pipe.hgetall(keys.CATALOG)
             pipe.smembers(keys.WORKERS)

@@ -212,7 +212,8 @@ class ModelLifecycle:
         if not old and target not in self.plan.cards:
             raise _Refused(ErrorCode.NOT_LOADED.value, f"{self.name} serves no version of {name}; load {target}",
                            {"served": sorted(self.plan.cards)})
-        plan, fields = self.plan, {"status": ReplyStatus.SWITCHED}
+        plan = self.plan
+        fields: dict[str, Any] = {"status": ReplyStatus.SWITCHED}
         if target not in plan.cards:
             loaded = self._load_on_device(target)
             plan = plan.with_card(loaded["card"])

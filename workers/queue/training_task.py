@@ -132,7 +132,7 @@ def train_task(self, *args, **kwargs) -> dict:
     if request.register_as:
         register_trained_model(context, request.register_as, request.kind, result["artifact"],
                                result.get("onnx_artifact"))
-    if request.serve_on:
+    if request.serve_on and request.register_as:  # serve_on comes with register_as (TrainRequest checks)
         replies = serve_trained_model(app, context.redis, request.register_as, request.serve_on)
         result["serving"] = [reply.model_dump(mode="json") for reply in replies]
     return result

@@ -350,7 +350,7 @@ class DeviceServer:
             elif op == "unload":
                 self._lifecycle_thread.submit(self._unload, identity, header)
             elif op == "busy":
-                resident = self.residents.get(header.get("model"))
+                resident = self.residents.get(str(header.get("model")))
                 self._reply(identity, ipc.pack({"rid": rid, "ok": True, "jobs": resident.busy() if resident else 0}))
             elif op == "ping":
                 self._reply(identity, ipc.pack({"rid": rid, "ok": True, "models": sorted(self.residents)}))
@@ -515,7 +515,7 @@ class DeviceServer:
 
         from workers.serving import memory_budget
 
-        rid, name = header.get("rid"), header.get("model")
+        rid, name = header.get("rid"), str(header.get("model"))
         resident = self.residents.get(name)
         if resident is None:
             self._replies.send([identity, *ipc.error_reply(rid, ErrorCode.NOT_LOADED.value,

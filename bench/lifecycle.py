@@ -15,8 +15,9 @@ With a private redis-server and real ``fleet worker`` processes:
    BERT-base on CUDA, under a closed loop of embed jobs): per round, the jobs finished per second
    over ``--window-s`` before the load, from the load command to its reply (``during``), and over
    ``--window-s`` after; then the loaded model (the same weights under a second name: the largest
-   model at hand) is unloaded for the next round. Targets: during >= 0.8 x before; after >= 0.95 x
-   before (the issue's "not at all", less the run-to-run noise of a shared machine).
+   model at hand) is unloaded for the next round. Targets, on the median over rounds of each round's
+   ratio to its own ``before``: during >= 0.8 x before; after >= 0.95 x before (the issue's "not at
+   all", less the noise of a shared machine).
 
 It prints each round, the targets, and writes the report (machine, commit, figures) as JSON.
 """
@@ -34,9 +35,10 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import cast
 
 from bench.run import REPO, finish_report, format_targets, machine_info, target
-from producer import FleetClient, UnknownModelError
+from producer import FleetClient, TrainResult, UnknownModelError
 from producer.settings import FleetSettings
 from workers.process.embedded_redis import RedisServer
 from workers.process.launch import LaunchedWorker
@@ -107,7 +109,7 @@ def train_to_serve(client: FleetClient, setup: Setup, epochs: int) -> dict:
             time.sleep(POLL_S)
     first.result(timeout=120)
     served_at = time.monotonic()
-    trained = job.result(timeout=120)
+    trained = cast(TrainResult, job.result(timeout=120))
     load_s = next((reply.seconds for reply in trained.serving or [] if reply.ok), None)
     return {"model": name, "train_end_to_first_result_s": served_at - trained_at, "load_s": load_s,
             "train_seconds": trained.metrics.get("train_seconds")}
@@ -167,23 +169,28 @@ def load_under_load(client: FleetClient, setup: Setup, loop: ClosedLoop, window_
     return round_
 
 
-def mean(values: list[float | None]) -> float | None:
-    present = [value for value in values if value is not None]
-    return sum(present) / len(present) if present else None
+def median(values: list[float]) -> float | None:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    if not ordered:
+        return None
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
 
 
 def evaluate(trains: list[dict], loads: list[dict]) -> list[dict]:
-    before = mean([r["before_jobs_s"] for r in loads])
+    """The targets; each throughput ratio is the median over rounds of that round's ratio to its own
+    ``before`` window (a shared machine's load drifts between rounds more than within one)."""
 
     def ratio(key: str) -> float | None:
-        value = mean([r[key] for r in loads])
-        return value / before if value is not None and before else None
+        return median([r[key] / r["before_jobs_s"] for r in loads if r["before_jobs_s"]])
 
     return [
         target("train end to first served job (worst round)",
                max((r["train_end_to_first_result_s"] for r in trains), default=None), TRAIN_TO_SERVE_S, "<=", "s"),
-        target("throughput while a model loads / before", ratio("during_jobs_s"), DURING_LOAD_RATIO, ">=", "x"),
-        target("throughput after the load / before", ratio("after_jobs_s"), AFTER_LOAD_RATIO, ">=", "x"),
+        target("throughput while a model loads / before (median of rounds)", ratio("during_jobs_s"),
+               DURING_LOAD_RATIO, ">=", "x"),
+        target("throughput after the load / before (median of rounds)", ratio("after_jobs_s"), AFTER_LOAD_RATIO,
+               ">=", "x"),
     ]
 
 

@@ -10,21 +10,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any
 
 from producer.contract.lifecycle import ModelCommand, ModelCommandReply, ModelOp
+from producer.core import model_control as core
 from producer.core.catalog import CatalogEntry
-from producer.core.model_control import (
-    COMMAND_TIMEOUT_S,
-    Replies,
-    WorkerView,
-    new_command,
-    parse_workers,
-    select_workers,
-)
+from producer.core.model_control import COMMAND_TIMEOUT_S
 from producer.publishing import Publisher
-
-T = TypeVar("T")
 
 
 class AsyncModelControl:
@@ -46,31 +38,31 @@ class AsyncModelControl:
         result: dict[str, CatalogEntry] = await self._in_thread(self._publisher.models)
         return result
 
-    async def workers(self) -> list[WorkerView]:
+    async def workers(self) -> list[core.WorkerView]:
         """The live worker groups, read now."""
-        return parse_workers(await self._in_thread(self._publisher.heartbeats))
+        return core.parse_workers(await self._in_thread(self._publisher.heartbeats))
 
     async def load(self, model: str, *, workers: str | Sequence[str] | None = None,
                    timeout: float = COMMAND_TIMEOUT_S) -> list[ModelCommandReply]:
         """As ``FleetClient.models.load``."""
-        return await self.send(new_command(ModelOp.LOAD, model), workers, timeout)
+        return await self.send(core.new_command(ModelOp.LOAD, model), workers, timeout)
 
     async def unload(self, model: str, *, workers: str | Sequence[str] | None = None,
                      drain_grace_s: float | None = None, timeout: float = COMMAND_TIMEOUT_S) -> list[ModelCommandReply]:
         """As ``FleetClient.models.unload``."""
-        return await self.send(new_command(ModelOp.UNLOAD, model, drain_grace_s=drain_grace_s), workers, timeout)
+        return await self.send(core.new_command(ModelOp.UNLOAD, model, drain_grace_s=drain_grace_s), workers, timeout)
 
     async def switch(self, model: str, to: str, *, workers: str | Sequence[str] | None = None,
                      drain_grace_s: float | None = None, timeout: float = COMMAND_TIMEOUT_S
                      ) -> list[ModelCommandReply]:
         """As ``FleetClient.models.switch``."""
-        return await self.send(new_command(ModelOp.SWITCH, model, to, drain_grace_s), workers, timeout)
+        return await self.send(core.new_command(ModelOp.SWITCH, model, to, drain_grace_s), workers, timeout)
 
     async def send(self, command: ModelCommand, workers: str | Sequence[str] | None,
                    timeout: float) -> list[ModelCommandReply]:
         """As ``ModelControl.send``."""
-        targets = select_workers(await self.workers(), command, workers)
-        replies = Replies(command, targets, time.monotonic() + timeout)
+        targets = core.select_workers(await self.workers(), command, workers)
+        replies = core.Replies(command, targets, time.monotonic() + timeout)
         arguments = replies.broadcast(time.monotonic())
         broadcast = self._publisher.app.control.broadcast
         replies.accept_acks(await asyncio.to_thread(broadcast, arguments.pop("command"), **arguments))

@@ -177,13 +177,15 @@ def worker(device: str, models: str, registry: str | None, name: str | None, tra
 @option("--registry", envvar="FLEET_MODEL_REGISTRY", default=None, show_default="the registry packaged with Fleet",
         help="model registry TOML")
 @option("--train", is_flag=True, help="workers also take training jobs")
+@option("--serve-trained", is_flag=True,
+        help="workers load the models training jobs register with serve_on their device, when they finish")
 @option("--flower", is_flag=True, help="also run the Flower dashboard on 127.0.0.1 (the dashboard extra)")
 @option("--flower-port", type=click.IntRange(1, 65535), default=5555, help="Flower's port")
 @option("--consumers", type=click.IntRange(1, 64), default=None,
         show_default="1 on CPU; on a GPU, from the CPU cores per GPU", help="consumer processes per worker")
 @needs_redis
-def up(devices: str, models: str, registry: str | None, train: bool, flower: bool, flower_port: int,
-       consumers: int | None) -> int:
+def up(devices: str, models: str, registry: str | None, train: bool, serve_trained: bool, flower: bool,
+       flower_port: int, consumers: int | None) -> int:
     """Run and supervise one `fleet worker` per device, restarted with back-off if one dies.
 
     \b
@@ -208,7 +210,7 @@ def up(devices: str, models: str, registry: str | None, train: bool, flower: boo
     from workers.process.worker_main import default_consumers
 
     consumers = consumers or default_consumers(plans[0].device, os.cpu_count() or 1, len(plans))
-    children = [Supervised.worker(plan, models, registry, train, consumers) for plan in plans]
+    children = [Supervised.worker(plan, models, registry, train, consumers, serve_trained) for plan in plans]
     if flower:
         require_extra("flower", extra="dashboard", purpose="--flower")
         from workers.commands import flower as dashboard

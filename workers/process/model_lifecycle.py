@@ -133,7 +133,7 @@ class ModelLifecycle:
         self._thread = threading.Thread(target=self._loop, name="model-lifecycle", daemon=True)
 
     def start(self) -> ModelLifecycle:
-        write_record(self.redis, self.name, self.plan, self._started_with)
+        self._record()
         self._thread.start()
         return self
 
@@ -175,6 +175,11 @@ class ModelLifecycle:
             return ModelCommandReply(worker=self.name, op=command.op, model=command.target,
                                      status=ReplyStatus.REFUSED, code=exc.code, message=str(exc),
                                      details=exc.details, seconds=time.monotonic() - started)
+        except Exception as exc:  # logged; the command gets an answer and the next ones still run
+            log.exception("model command %s %s failed", command.op.value, command.target)
+            return ModelCommandReply(worker=self.name, op=command.op, model=command.target,
+                                     status=ReplyStatus.REFUSED, code=ErrorCode.INTERNAL.value,
+                                     message=f"{type(exc).__name__}: {exc}", seconds=time.monotonic() - started)
         name = split_model_ref(command.target)[0]
         return ModelCommandReply(worker=self.name, op=command.op, model=command.target,
                                  seconds=time.monotonic() - started, current=self.plan.current.get(name), **fields)

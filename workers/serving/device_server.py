@@ -188,8 +188,12 @@ class _Resident:
         with self._outstanding_lock:
             return self.outstanding
 
-    def close(self) -> None:
+    def close(self, hand_back_queued: bool = False) -> None:
+        """Stop serving. ``hand_back_queued`` (an unload, its drain grace spent): work still queued in the
+        batcher fails at once as closing, so that its jobs go back to their queue; else it may run first."""
         if self.batcher is not None:
+            if hand_back_queued:
+                self.batcher.close(timeout=0)
             self.batcher.close()
         elif self.spec.kind is ModelKind.GENERATE:
             self.impl.close()  # its generation engine: running sequences are handed back
@@ -524,7 +528,7 @@ class DeviceServer:
         before = memory_budget.in_use_bytes(self.device)
         self._retired.add(name)
         self.residents = {ref: other for ref, other in self.residents.items() if ref != name}
-        resident.close()
+        resident.close(hand_back_queued=True)  # the launcher let its jobs drain first
         self.board.clear_computing(resident.slot)
         del resident
         gc.collect()

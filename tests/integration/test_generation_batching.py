@@ -1,6 +1,8 @@
 """Continuous batching through the queue: a private redis-server and one real `fleet worker` serving
 the demo's tiny Llama under two names, ``gen-wide`` (16 sequences decoding at once) and
-``gen-narrow`` (2), as a registry would declare them.
+``gen-narrow`` (2, each decoding step paced to 20 ms by tests/support/paced_generator.py so that
+a 512-token job is still running while an 8-token one comes and goes), as a registry would
+declare them.
 
 Concurrency is read from the jobs' Redis streams: each piece's entry id starts with the
 millisecond Redis appended it, so the interval from a job's first to its last piece is when it
@@ -30,7 +32,9 @@ kind = "generate"
 source = "dir:{tiny_llama}"
 max_batch_size = {sequences}
 max_seq_len = 1024
-""" for name, sequences in (("gen-wide", 16), ("gen-narrow", 2))))
+{impl}
+""" for name, sequences, impl in (("gen-wide", 16, ""),
+                                   ("gen-narrow", 2, 'impl = "tests.support.paced_generator:paced_generator"'))))
     return registry
 
 

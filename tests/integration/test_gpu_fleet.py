@@ -1,6 +1,9 @@
 """GPU fleet: one worker per GPU, each seeing exactly one distinct device; mixed jobs spread over all.
 
-Marked ``gpu``: skipped without CUDA. Run on the lent GPU machine (see docs/BENCHMARKS.md).
+Marked ``gpu``: skipped without CUDA. Run on the lent GPU machine (see docs/BENCHMARKS.md). With
+one GPU it is the worker group on CUDA (a spawned device process owning the context, consumers
+without torch) serving embed, classify and generate jobs; with more it also shows one worker per
+GPU, each on its own device.
 """
 
 from __future__ import annotations
@@ -66,7 +69,6 @@ def jobs_done_by_worker(client, at_least: int, wait_s: float = 10.0) -> dict[str
         time.sleep(0.25)
 
 
-@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_one_worker_per_gpu_with_mixed_jobs(tmp_path):
     registry = write_random_models(tmp_path)
     server = RedisServer().start()
@@ -100,6 +102,9 @@ def test_one_worker_per_gpu_with_mixed_jobs(tmp_path):
             assert len(results) == JOBS and all(r.device == "cuda:0" for r in results)
             done = jobs_done_by_worker(client._redis, at_least=JOBS)
             assert sum(done.values()) >= JOBS and all(count > 0 for count in done.values()), done
+            for worker in workers:  # the group: torch in the device process only
+                assert "torch/_C" in Path(f"/proc/{worker['device_process']['pid']}/maps").read_text()
+                assert not any("torch/_C" in Path(f"/proc/{c['pid']}/maps").read_text() for c in worker["consumers"])
             report = {"jobs": JOBS, "seconds": round(elapsed, 2), "jobs_per_s": round(JOBS / elapsed, 1),
                       "workers": [{"name": w["name"], "device_name": w["device_name"], "uuid": w["device_uuid"],
                                    "visible_gpus": w["visible_gpus"], "jobs_done": done[w["name"]]} for w in workers]}

@@ -102,7 +102,7 @@ def test_results_stored_together_are_each_correct_and_wake_their_own_waiter(redi
         if message["type"] == "message":
             woken[message["channel"].decode()] = backend.decode_result(message["data"])
     for i, job_id in enumerate(job_ids):
-        published = woken[backend.get_key_for_task(job_id)]
+        published = woken[backend.get_key_for_task(job_id).decode()]
         assert published["status"] == "SUCCESS" and published["result"] == {"answer": i}
         assert backend.get_task_meta(job_id)["result"] == {"answer": i}
     assert backend.group_commit.round_trips < THREADS

@@ -54,7 +54,10 @@ def test_sigterm_while_loading_loses_no_job(private_redis):
 
 
 def test_drain_hands_back_a_job_that_outlasts_the_grace_period(private_redis, demo_registry):
-    args = ("--device", "cpu", "--registry", str(demo_registry), "--models", "tiny-llama")
+    paced = demo_registry.parent / "paced-registry.toml"  # 512 tokens take ~10 s: still running at SIGTERM
+    paced.write_text(demo_registry.read_text().replace(
+        "[models.tiny-llama]", '[models.tiny-llama]\nimpl = "tests.support.paced_generator:paced_generator"'))
+    args = ("--device", "cpu", "--registry", str(paced), "--models", "tiny-llama")
     with FleetClient(private_redis.url) as client:
         draining = WorkerProcess(private_redis.url, *args, name="test-drain-1",
                                  env={"FLEET_DRAIN_GRACE_S": "0.3"}).wait_ready()

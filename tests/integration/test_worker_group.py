@@ -31,6 +31,10 @@ from workers.process.health import read_heartbeats
 pytestmark = pytest.mark.integration
 
 VISIBILITY_S = 5
+#: A SIGKILLed consumer can take one message it popped and had not yet recorded as unacked
+#: (docs/RELIABILITY.md, "What a SIGKILL can lose"); the delivery sweeper re-sends it. These
+#: short timers (the chaos run's) make it do so within seconds instead of minutes.
+FAST_SWEEP = {"FLEET_SWEEP_INTERVAL_S": "2", "FLEET_SWEEP_GRACE_S": "5"}
 
 
 @pytest.fixture()
@@ -79,7 +83,7 @@ def test_a_sigkilled_consumer_is_started_again_and_loses_no_job(own_redis):
     worker = WorkerProcess(own_redis.url, "--device", "cpu", "--models", "minilm", "--consumers", "2",
                            name="group-kill-consumer",
                            env={"FLEET_CONCURRENCY": "8", "FLEET_VISIBILITY_TIMEOUT_S": str(VISIBILITY_S),
-                                "FLEET_HEARTBEAT_INTERVAL_S": "0.5"})
+                                "FLEET_HEARTBEAT_INTERVAL_S": "0.5", **FAST_SWEEP})
     try:
         worker.wait_ready()
         victim = heartbeat(client, "group-kill-consumer")["consumers"][1]["pid"]
@@ -104,7 +108,7 @@ def fleet_up(redis_url: str, tmp_path: Path, registry: Path, models: str, env: d
                              str(registry), "--models", models],
                             env={**os.environ, "REDIS_URL": redis_url, "HF_HUB_OFFLINE": "1", "FLEET_LOG_LEVEL": "INFO",
                                  "FLEET_TORCH_THREADS": "1", "FLEET_HEARTBEAT_INTERVAL_S": "0.5",
-                                 "PYTHONPATH": str(REPO_ROOT), **env},
+                                 "PYTHONPATH": str(REPO_ROOT), **FAST_SWEEP, **env},
                             cwd=REPO_ROOT, stdout=(tmp_path / "up.log").open("w"), stderr=subprocess.STDOUT)
 
 

@@ -644,6 +644,8 @@ def device_main(config: DeviceConfig, ready: Any) -> None:
         log.info("device %s: %s", choice.device, choice.reason)
         residents: dict[str, _Resident] = {}
         refused: dict[str, str] = {}
+        log.info("loading %d model(s) on %s: %s", len(config.specs), choice.device,
+                 ", ".join(str(raw_spec["name"]) for raw_spec in config.specs) or "-")
         for slot, raw_spec in enumerate(config.specs):
             spec = ModelSpec.model_validate(raw_spec)
             try:

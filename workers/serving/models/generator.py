@@ -9,13 +9,14 @@ from workers.serving.models.base import compute_dtype
 from workers.serving.registry import ModelSpec, resolve_source
 
 
-def load_generator(spec: ModelSpec, device: str) -> GenerationEngine:
+def load_generator(spec: ModelSpec, device: str,
+                   engine_class: type[GenerationEngine] = GenerationEngine) -> GenerationEngine:
     """Load ``spec`` (tokenizer and causal LM, ``from_pretrained``) onto ``device`` and start its
-    engine with the registry's limits (``ModelSpec.engine_limits``)."""
+    engine (an ``engine_class``) with the registry's limits (``ModelSpec.engine_limits``)."""
     location, revision = resolve_source(spec)
     tokenizer = AutoTokenizer.from_pretrained(location, revision=revision, trust_remote_code=False)
     model = AutoModelForCausalLM.from_pretrained(
         location, revision=revision, trust_remote_code=False, dtype=compute_dtype(spec, device),
         attn_implementation="sdpa",
     ).to(device).eval()
-    return GenerationEngine(model, tokenizer, spec.engine_limits(), name=spec.name)
+    return engine_class(model, tokenizer, spec.engine_limits(), name=spec.name)

@@ -315,7 +315,7 @@ _workers_option = option("--workers", default=None, show_default="every live wor
 _grace_option = option("--drain-grace", "drain_grace_s", type=click.FloatRange(min=0), default=None,
                        show_default="the worker's FLEET_DRAIN_GRACE_S",
                        help="seconds the retiring model's jobs in flight may take before they are handed back")
-_timeout_option = option("--timeout", type=click.FloatRange(min=1), default=300.0,
+_timeout_option = option("--timeout", type=click.FloatRange(min=0, min_open=True), default=300.0,
                          help="seconds to wait for every worker's reply")
 
 

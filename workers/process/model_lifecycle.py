@@ -98,14 +98,9 @@ def restored_models(redis_client: redis.Redis, worker: str, models: list[str], r
     return Restored(kept, dict(record.get("current", {})), f"the record {keys.worker_models(worker)}")
 
 
-def write_record(redis_client: redis.Redis, worker: str, plan: ServingPlan, started_with: list[str]) -> None:
-    """Record what the group serves now (``fleet:worker-models:<worker>``)."""
-    redis_client.set(keys.worker_models(worker), json.dumps({
-        "models": sorted(plan.consuming), "current": dict(plan.current), "started_with": started_with,
-        "at": time.time()}))
-
-
 class _Refused(Exception):
+    """The command cannot be carried out here (``code``: an ``ErrorCode`` value); nothing was changed."""
+
     def __init__(self, code: str, message: str, details: dict[str, Any] | None = None):
         super().__init__(message)
         self.code, self.details = code, details or {}
@@ -306,7 +301,10 @@ class ModelLifecycle:
         return freed
 
     def _record(self) -> None:
+        """Record what the group serves now (``fleet:worker-models:<name>``, read by ``restored_models``)."""
+        record = {"models": sorted(self.plan.consuming), "current": dict(self.plan.current),
+                  "started_with": self._started_with, "at": time.time()}
         try:
-            write_record(self.redis, self.name, self.plan, self._started_with)
+            self.redis.set(keys.worker_models(self.name), json.dumps(record))
         except redis.RedisError as exc:
             log.error("could not record the models of %s: %s", self.name, exc)

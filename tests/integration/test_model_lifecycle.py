@@ -20,6 +20,8 @@ import os
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 
 import pytest
@@ -73,10 +75,16 @@ def fleet(tmp_path_factory):
     server.stop()
 
 
-def start(fleet, name: str, *args: str, env: dict[str, str] | None = None) -> WorkerProcess:
+@contextmanager
+def running(fleet, name: str, *args: str, env: dict[str, str] | None = None) -> Iterator[WorkerProcess]:
+    """A ready `fleet worker --device cpu --registry <the module's> --name NAME ARGS`, stopped (drained) after."""
     server, registry = fleet
-    return WorkerProcess(server.url, "--device", "cpu", "--registry", str(registry), *args, name=name,
-                         env={**WORKER_ENV, **(env or {})}).wait_ready()
+    worker = WorkerProcess(server.url, "--device", "cpu", "--registry", str(registry), *args, name=name,
+                           env={**WORKER_ENV, **(env or {})})
+    try:
+        yield worker.wait_ready()
+    finally:
+        worker.stop()
 
 
 def client_for(fleet) -> FleetClient:
@@ -122,8 +130,7 @@ class Stream:
 
 
 def test_a_second_model_loads_beside_the_first_and_no_job_of_the_first_is_lost(fleet):
-    worker = start(fleet, "life-load", "--models", "digits@1")
-    try:
+    with running(fleet, "life-load", "--models", "digits@1"):
         with client_for(fleet) as client:
             with Stream(lambda: client.classify(inputs=PIXELS, model="digits")) as stream:
                 time.sleep(0.5)
@@ -144,13 +151,10 @@ def test_a_second_model_loads_beside_the_first_and_no_job_of_the_first_is_lost(f
             assert "minilm" in beat(fleet, "life-load")["models"]
             assert client.embed(["served by the model just loaded"]).result(timeout=60).dim == 384
             assert client.models.load("minilm")[0].settled, "loading it again: already loaded"
-    finally:
-        worker.stop()
 
 
 def test_a_load_that_would_not_fit_is_refused_and_the_worker_keeps_serving(fleet):
-    worker = start(fleet, "life-fit", "--models", "digits@1")
-    try:
+    with running(fleet, "life-fit", "--models", "digits@1") as worker:
         refused = fleet_cli(fleet, "models", "load", "huge", "--workers", "life-fit")
         assert refused.returncode == ExitCode.REFUSED, refused.stdout + refused.stderr
         assert "insufficient_memory" in refused.stdout
@@ -164,15 +168,12 @@ def test_a_load_that_would_not_fit_is_refused_and_the_worker_keeps_serving(fleet
             assert unknown.code == ErrorCode.UNKNOWN_MODEL.value and unknown.details["versions"] == [
                 "digits@1", "digits@2"]
         assert worker.alive()
-    finally:
-        worker.stop()
 
 
 def test_unloading_under_load_hands_jobs_back_to_another_worker_and_then_they_wait_in_redis(fleet):
     # Each worker takes up to 32 jobs at once: more than its device batches before it sees the unload.
-    first = start(fleet, "life-unload-1", "--models", "minilm", env={"FLEET_CONCURRENCY": "32"})
-    second = start(fleet, "life-unload-2", "--models", "minilm", env={"FLEET_CONCURRENCY": "32"})
-    try:
+    with running(fleet, "life-unload-1", "--models", "minilm", env={"FLEET_CONCURRENCY": "32"}) as first, \
+            running(fleet, "life-unload-2", "--models", "minilm", env={"FLEET_CONCURRENCY": "32"}):
         with client_for(fleet) as client:
             texts = [f"sentence {i} of a long job about the weather in spring and autumn" for i in range(32)]
             handles = client.embed_many([texts] * 80)
@@ -196,9 +197,6 @@ def test_unloading_under_load_hands_jobs_back_to_another_worker_and_then_they_wa
             loaded = fleet_cli(fleet, "models", "load", "minilm", "--workers", "life-unload-2")
             assert loaded.returncode == ExitCode.OK and "loaded" in loaded.stdout, loaded.stdout + loaded.stderr
             assert waiting.result(timeout=120).dim == 384
-    finally:
-        first.stop()
-        second.stop()
 
 
 async def switch_with_the_async_client(settings: FleetSettings, model: str, version: str):
@@ -207,8 +205,7 @@ async def switch_with_the_async_client(settings: FleetSettings, model: str, vers
 
 
 def test_switching_versions_under_load_serves_every_job_once_and_a_restart_keeps_the_new_version(fleet):
-    worker = start(fleet, "life-switch", "--models", "digits@1")
-    try:
+    with running(fleet, "life-switch", "--models", "digits@1"):
         with client_for(fleet) as client:
             pinned_old = client.classify(inputs=PIXELS, model="digits@1")
             with Stream(lambda: client.classify(inputs=PIXELS, model="digits")) as stream:
@@ -237,28 +234,19 @@ def test_switching_versions_under_load_serves_every_job_once_and_a_restart_keeps
             assert client.classify(inputs=PIXELS, model="digits@2").result(timeout=60).model == "digits@2"
             with pytest.raises(ModelUnavailableError):
                 client.classify(inputs=PIXELS, model="digits@1")
-    finally:
-        worker.stop()
-    restarted = start(fleet, "life-switch", "--models", "digits@1")
-    try:
+    with running(fleet, "life-switch", "--models", "digits@1"):
         assert beat(fleet, "life-switch")["current"] == {"digits": "digits@2"}
         with client_for(fleet) as client:
             assert client.classify(inputs=PIXELS, model="digits").result(timeout=60).model == "digits@2"
         assert json.loads(redis.Redis.from_url(fleet[0].url).get(keys.worker_models(beat(fleet, "life-switch")[
             "name"])))["models"] == ["digits@2"]
-    finally:
-        restarted.stop()
-    reset = start(fleet, "life-switch", "--models", "digits@1", "--reset-models")
-    try:
+    with running(fleet, "life-switch", "--models", "digits@1", "--reset-models"):
         assert beat(fleet, "life-switch")["models"] == ["digits", "digits@1"]
-    finally:
-        reset.stop()
 
 
 def test_a_trained_model_is_served_by_a_running_worker_without_a_restart(fleet, tmp_path):
-    worker = start(fleet, "life-trained", "--train", "--serve-trained",
-                   env={"FLEET_ARTIFACT_DIR": str(tmp_path / "artifacts"), "FLEET_TORCH_THREADS": "2"})
-    try:
+    with running(fleet, "life-trained", "--train", "--serve-trained",
+                 env={"FLEET_ARTIFACT_DIR": str(tmp_path / "artifacts"), "FLEET_TORCH_THREADS": "2"}) as worker:
         pid = worker.pid
         assert beat(fleet, "life-trained")["serve_trained"] is True
         with client_for(fleet) as client:
@@ -270,13 +258,10 @@ def test_a_trained_model_is_served_by_a_running_worker_without_a_restart(fleet, 
             assert client.submit_many(ModelKind.CLASSIFY, [{"inputs": PIXELS, "model": "digits-trained"}])[0].result(
                 timeout=60).predictions[0][0].label in [str(digit) for digit in range(10)]
         assert worker.alive() and worker.pid == pid
-    finally:
-        worker.stop()
 
 
 def test_a_malformed_command_is_refused_at_once_and_changes_nothing(fleet):
-    worker = start(fleet, "life-bad", "--models", "digits@1")
-    try:
+    with running(fleet, "life-bad", "--models", "digits@1"):
         with client_for(fleet) as client:
             node = beat(fleet, "life-bad")["name"]
             acks = client.celery.control.broadcast("fleet_models", arguments={"command": {"op": "load"}},
@@ -284,15 +269,12 @@ def test_a_malformed_command_is_refused_at_once_and_changes_nothing(fleet):
             (answer,) = [ack[node] for ack in acks]
             assert answer["status"] == "refused" and answer["code"] == ErrorCode.INVALID_INPUT.value
             assert beat(fleet, "life-bad")["models"] == ["digits", "digits@1"]
-    finally:
-        worker.stop()
 
 
 def test_a_generate_model_loaded_at_run_time_streams_and_an_unload_hands_its_job_back(fleet):
     from producer.contract import Limits
 
-    worker = start(fleet, "life-generate", "--models", "digits@1")
-    try:
+    with running(fleet, "life-generate", "--models", "digits@1") as worker:
         with client_for(fleet) as client:
             (loaded,) = client.models.load("tiny-llama")
             assert loaded.status is ReplyStatus.LOADED
@@ -307,5 +289,3 @@ def test_a_generate_model_loaded_at_run_time_streams_and_an_unload_hands_its_job
             assert long.status().value in ("queued", "running"), "handed back, not failed"
             client.models.load("tiny-llama")
             assert long.result(timeout=180).tokens_generated == Limits.MAX_NEW_TOKENS
-    finally:
-        worker.stop()

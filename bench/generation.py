@@ -34,7 +34,6 @@ import inspect
 import json
 import platform
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -46,6 +45,7 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig, PreTrainedTokenizerFast
 
+from bench import provenance
 from workers.serving.generation.engine import GenerationEngine
 from workers.serving.generation.hooks import percentiles
 from workers.serving.generation.limits import EngineLimits
@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     for level, ratio in summary.items():
         print(f"N={level}: engine = " + ", ".join(f"{value:.2f}x {name[3:]}" for name, value in ratio.items()))
     if args.out:
-        report = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "commit": _commit(),
+        report = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "commit": (provenance.commit() or "unknown"),
                   "machine": _machine(args.device), "torch": torch.__version__,
                   "transformers": transformers.__version__, "device": args.device, "parameters": parameters,
                   "dtype": str(model.dtype), "new_tokens": args.new_tokens,
@@ -246,12 +246,6 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failures else 0
 
 
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def _machine(device: str) -> str:

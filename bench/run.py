@@ -48,6 +48,7 @@ from typing import Any
 
 import redis
 
+from bench import provenance
 from bench.costs import PhaseCosts, ProcessTreeCPU
 from bench.loadgen import Load, PhaseResult, ResultStream
 from producer import FleetClient
@@ -534,8 +535,7 @@ def machine_info() -> dict:
         except metadata.PackageNotFoundError:
             pass
     try:
-        info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                                        text=True, timeout=10).stdout.strip() or None
+        info["commit"] = provenance.commit()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
                                capture_output=True, text=True, timeout=10).stdout.strip()
         info["worktree_dirty"] = bool(dirty)

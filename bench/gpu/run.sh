@@ -4,7 +4,10 @@
 #
 # From the repository root, with carry [".whl", ".devbin"]:
 #
-#     bash bench/gpu/run.sh
+#     FLEET_BENCH_COMMIT=<commit> bash bench/gpu/run.sh
+#
+# (the commit the reports name: the copy of the working tree there carries no reliable git
+# metadata; bench/provenance.py). Pass --bench-only to skip the tests.
 #
 # 1. sets up the runtime (bench/gpu/device_env.sh) and records the GPU and library versions;
 # 2. runs every CUDA test (pytest -m gpu): the embedder's graph replay equals eager, fp16/bf16,
@@ -25,17 +28,21 @@ mkdir -p "$OUT"
 
 {
   date -u +%Y-%m-%dT%H:%M:%SZ
+  echo "commit ${FLEET_BENCH_COMMIT:-unknown}"
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader 2>&1
   python3 -c "import sys, torch, transformers; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__)"
   nproc; grep -m1 'model name' /proc/cpuinfo
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
+tests_rc=0
+if [ "${1:-}" != "--bench-only" ]; then
 echo "== gpu tests"
 timeout 200 python3 -m pytest -m gpu tests/unit/test_batching_gpu.py tests/unit/test_generation_gpu.py \
   tests/unit/test_training_loop.py tests/integration/test_gpu_fleet.py -q -p no:cacheprovider -o addopts="" 2>&1 \
   | tee "$OUT/gpu-tests.txt"
 tests_rc=${PIPESTATUS[0]}
+fi
 
 echo "== benchmark"
 timeout 330 python3 -m bench.run --device cuda --budget-s 300 --out "$OUT/gpu.json" 2>&1 | tee "$OUT/gpu-table.txt"

@@ -198,6 +198,10 @@ def test_generate_jobs_beyond_the_engines_slots_wait_in_redis_and_other_models_k
                            str(registry), name="group-flow", env={"FLEET_CONCURRENCY": "4"})
     try:
         worker.wait_ready()
+        beat = heartbeat(client, "group-flow")
+        # The cards of a generate model reached the consumer without bringing torch along, and the
+        # launcher only checked that torch is installed.
+        assert not maps_torch(beat["consumers"][0]["pid"]) and not maps_torch(beat["pid"])
         with FleetClient(own_redis.url) as fleet:
             generating = [fleet.generate(f"Once upon a time {i}", model="tiny-llama", max_new_tokens=256)
                           for i in range(24)]

@@ -99,10 +99,13 @@ def needs_redis(command: Command) -> Command:
 
 
 def require_extra(module: str, *, extra: str, purpose: str = "this command") -> None:
-    """Refuse (exit ``CONFIG``, naming the extra to install) if an optional dependency is missing."""
-    from producer.optional import require_extra as import_or_refuse
+    """Refuse (exit ``CONFIG``, naming the extra to install) if an optional dependency is missing.
 
-    import_or_refuse(module, extra=extra, purpose=purpose)
+    Only looks for it: the command's own code imports it where it is used (a worker's launcher
+    never imports torch; its device process does)."""
+    from producer.optional import require_installed
+
+    require_installed(module, extra=extra, purpose=purpose)
 
 
 @click.group(cls=FleetGroup, context_settings={"auto_envvar_prefix": "FLEET", "help_option_names": ["-h", "--help"],

@@ -25,6 +25,7 @@ from typing import Any
 
 from producer.contract import TRAINING_QUEUE
 from workers.process.status_board import State, StatusBoard
+from workers.serving import ipc
 
 log = logging.getLogger("fleet.consumer")
 
@@ -111,7 +112,7 @@ def consumer_main(config: ConsumerConfig, cards_pipe: Any, commands_pipe: Any) -
     from workers.serving.runtime import ConsumerRuntime
     from workers.serving.serving_plan import ServingPlan
 
-    message = cards_pipe.recv()  # blocks until the device process is ready
+    message = ipc.recv_json(cards_pipe)  # blocks until the device process is ready
     if message is None:
         log.info("consumer %d: the group is stopping before it started", config.index)
         board.set_consumer(config.index, State.STOPPED)
@@ -154,7 +155,8 @@ def consumer_main(config: ConsumerConfig, cards_pipe: Any, commands_pipe: Any) -
                             on_plan=lambda new_plan: flow.update(generation_slots(new_plan)))
     app.steps["consumer"].add(follower.step())
     follower.listen()
-    install_model_commands(config.worker_name, commands_pipe.send if config.index == 0 else None)
+    install_model_commands(config.worker_name,
+                           (lambda command: ipc.send_json(commands_pipe, command)) if config.index == 0 else None)
     queues = follower.queues
 
     def stop_services() -> None:

@@ -52,6 +52,7 @@ from workers.process.devices import DeviceError, parse_device, pin_cuda_device
 from workers.process.health import Heartbeat
 from workers.process.model_lifecycle import MODEL_SLOTS, ModelLifecycle, current_registry, restored_models
 from workers.process.status_board import MAX_CONSUMERS, State, StatusBoard
+from workers.serving import ipc
 from workers.serving.registry import ModelSpec, RegistryError, select
 from workers.serving.serving_plan import ServingPlan
 from workers.settings import WorkerSettings
@@ -283,7 +284,7 @@ class WorkerGroup:
             forward.close()
             process.cards_pipe, process.commands = send, commands
             if self.cards is not None:
-                send.send(self._consumer_message(self.plan))
+                ipc.send_json(send, self._consumer_message(self.plan))
         return process
 
     def _consumer_message(self, plan: ServingPlan) -> dict[str, Any]:
@@ -296,7 +297,7 @@ class WorkerGroup:
             self.plan = plan
             for process in self.consumers:
                 try:
-                    process.cards_pipe.send(plan.message())
+                    ipc.send_json(process.cards_pipe, plan.message())
                 except OSError:  # it died; started again, it gets the plan then
                     continue
 
@@ -323,7 +324,7 @@ class WorkerGroup:
         with self._plan_lock:
             self.cards, self.plan = ready, plan
             for process in self.consumers:
-                process.cards_pipe.send(self._consumer_message(plan))
+                ipc.send_json(process.cards_pipe, self._consumer_message(plan))
         from workers.serving.device_client import DeviceClient
 
         self.lifecycle = ModelLifecycle(
@@ -340,7 +341,7 @@ class WorkerGroup:
         while not self.stop.requested:
             if self._device_ready.poll(WATCH_S):
                 try:
-                    message = self._device_ready.recv()
+                    message = ipc.recv_json(self._device_ready)
                 except EOFError:
                     message = {"ok": False, "error": "the device process exited while loading"}
                 if message.get("ok"):
@@ -379,7 +380,7 @@ class WorkerGroup:
         pipe = self.consumers[0].commands
         try:
             if multiprocessing.connection.wait([pipe], wait_s):
-                command = pipe.recv()
+                command = ipc.recv_json(pipe)
                 if self.lifecycle is not None:
                     self.lifecycle.submit(command)
         except (EOFError, OSError):  # consumer 0 died: it is started again with a new pipe
@@ -408,7 +409,7 @@ class WorkerGroup:
                 continue
             if self.cards is None:
                 try:
-                    process.cards_pipe.send(None)  # never started consuming: tell it to go
+                    ipc.send_json(process.cards_pipe, None)  # never started consuming: tell it to go
                 except OSError:
                     pass
             if process.is_alive():

@@ -665,12 +665,12 @@ def device_main(config: DeviceConfig, ready: Any) -> None:
             device_name=identity["name"])
         metrics_port = start_process_metrics_server() or 0
     except BaseException as exc:  # noqa: BLE001 - report why, then exit: the launcher stops the group
-        ready.send({"ok": False, "error": f"{type(exc).__name__}: {exc}"})
+        ipc.send_json(ready, {"ok": False, "error": f"{type(exc).__name__}: {exc}"})
         board.set_device(State.FAILED)
         log.error("device process cannot start: %s: %s", type(exc).__name__, exc)
         raise SystemExit(3) from None
     board.set_device(State.READY, metrics_port=metrics_port)
-    ready.send({"ok": True, "device": choice.device, "identity": identity, "refused": refused,
+    ipc.send_json(ready, {"ok": True, "device": choice.device, "identity": identity, "refused": refused,
                 "cards": [resident.card() for resident in residents.values()]})
     try:
         server.serve()

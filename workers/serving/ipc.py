@@ -92,3 +92,18 @@ def decode_matrix(shape: Sequence[int], raw: bytes) -> np.ndarray:
 
 def error_reply(rid: Any, code: str, message: str, details: dict[str, Any] | None = None) -> Frames:
     return pack({"rid": rid, "ok": False, "error": {"code": code, "message": message, "details": details or {}}})
+
+
+def send_json(connection: Any, message: Any) -> None:
+    """Send ``message`` (JSON types only) on a ``multiprocessing`` pipe end.
+
+    The group's start-up pipes (device ready, model cards to consumers) carry JSON, not pickles:
+    a value of another type (a ``torch.device``, a numpy number) fails here, in the sender,
+    instead of making the consumer that unpickles it import torch.
+    """
+    connection.send_bytes(orjson.dumps(message))
+
+
+def recv_json(connection: Any) -> Any:
+    """The next message that ``send_json`` sent on the other end of the pipe."""
+    return orjson.loads(connection.recv_bytes())

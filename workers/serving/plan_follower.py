@@ -26,6 +26,7 @@ from celery import bootsteps
 from celery.worker import state as worker_state
 
 from workers.process.status_board import StatusBoard
+from workers.serving import ipc
 from workers.serving.runtime import ConsumerRuntime, ModelCard
 from workers.serving.serving_plan import ServingPlan
 
@@ -93,7 +94,7 @@ class PlanFollower:
     def _receive(self) -> None:
         while True:
             try:
-                message = self._plans.recv()
+                message = ipc.recv_json(self._plans)
             except (EOFError, OSError):
                 return
             plan = ServingPlan.from_message(message)

@@ -9,6 +9,7 @@ from producer.contract import (
     GenerateResult,
     JobError,
     JobStatus,
+    ModelCommandReply,
     TrainProgress,
     TrainResult,
 )
@@ -28,6 +29,7 @@ from producer.errors import (
     JobTimeout,
     JobTimeoutError,
     ModelUnavailableError,
+    NoMatchingWorkerError,
     QueueFull,
     QueueFullError,
     RedisCommandError,
@@ -41,10 +43,12 @@ from producer.errors import (
 __all__ = [
     "FleetClient", "JobHandle", "AsyncFleetClient", "AsyncJobHandle",
     "EmbedResult", "ClassifyResult", "GenerateResult", "TrainProgress", "TrainResult", "ErrorCode", "JobError",
+    "ModelCommandReply",
     "JobStatus",
     "FleetError", "FleetRedisError", "RedisCommandError", "InvalidRequestError", "UnknownModelError",
     "WrongModelKindError", "IdempotencyConflictError",
-    "JobIdConflictError", "ModelUnavailableError", "QueueFullError", "JobFailedError", "JobCancelledError",
+    "JobIdConflictError", "ModelUnavailableError", "NoMatchingWorkerError", "QueueFullError", "JobFailedError",
+    "JobCancelledError",
     "JobExpiredError", "JobTimeoutError", "FleetConnectionError", "RedisURLError",
     # aliases of the first release's names (producer/errors.py)
     "InvalidRequest", "UnknownModel", "WrongModelKind", "JobCancelled", "JobExpired", "JobTimeout", "QueueFull",

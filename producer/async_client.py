@@ -26,10 +26,10 @@ from typing import Any, TypeVar, cast
 from pydantic import BaseModel
 
 from producer import keys, telemetry
+from producer.async_model_control import AsyncModelControl
 from producer.celery_config import PRIORITY_DEFAULT
 from producer.contract import GenerateResult, JobStatus, ModelKind, TrainProgress
 from producer.contract.inference import EmbedEncoding
-from producer.core.catalog import CatalogEntry
 from producer.core.jobs import connection_name, new_client_prefix, result_key
 from producer.core.options import SubmitOptions, parse_options
 from producer.core.requests import (
@@ -162,6 +162,7 @@ class AsyncFleetClient:
         self._listener = _AsyncListener(self, self._router)
         self._settle_script = self._redis.register_script(SETTLE_UNSTARTED)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fleet-publish")
+        self._models = AsyncModelControl(self._publisher, self._in_publisher_thread, self._pop_reply)
         self._closed = False
         telemetry.setup_producer()
 
@@ -227,9 +228,11 @@ class AsyncFleetClient:
         """The handle of an existing job, e.g. one submitted by another process."""
         return AsyncJobHandle(self, job_id)
 
-    async def models(self) -> dict[str, CatalogEntry]:
-        """The fleet's models (read now), as ``FleetClient.models``."""
-        return await self._in_publisher_thread(self._publisher.models)
+    @property
+    def models(self) -> AsyncModelControl:
+        """``await client.models()``: the catalog; ``await client.models.load(name)`` and its siblings: the
+        lifecycle commands (as ``FleetClient.models``)."""
+        return self._models
 
     async def _submit_one(self, kind: str, fields: dict[str, Any], extra: dict[str, Any]) -> AsyncJobHandle:
         request, options = build_request(kind, fields, extra)
@@ -361,6 +364,10 @@ class AsyncFleetClient:
         await self._command(self._redis.set, keys.cancel_flag(handle.id), "1", ex=self.settings.result_expires_s)
         await self._settle(handle.id, REASON_CANCELLED)
         await self._in_publisher_thread(self._publisher.app.control.revoke, handle.id)
+
+    async def _pop_reply(self, key: str, timeout: float) -> Any:
+        """BLPOP ``key`` for up to ``timeout`` seconds (below the connections' socket timeout) on a command slot."""
+        return await self._command(self._redis.blpop, [key], timeout=timeout)
 
     async def _in_publisher_thread(self, function: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)

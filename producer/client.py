@@ -24,7 +24,6 @@ from producer import keys, telemetry
 from producer.celery_config import PRIORITY_DEFAULT, celery_config
 from producer.contract import GenerateResult, JobStatus, ModelKind, TrainProgress
 from producer.contract.inference import EmbedEncoding
-from producer.core.catalog import CatalogEntry
 from producer.core.jobs import connection_name, new_client_prefix, result_key
 from producer.core.options import SubmitOptions, parse_options
 from producer.core.requests import (
@@ -48,6 +47,7 @@ from producer.core.results import (
 from producer.core.router import ResultRouter
 from producer.core.waits import RECORD_FIELDS, JobInfo, StreamCursor, Wait, ordered_outcomes, raise_or_return
 from producer.errors import FleetRedisError
+from producer.model_control import ModelControl
 from producer.publishing import Publisher
 from producer.redis_connection import redis_client, redis_errors, wait_client
 from producer.scripts import SETTLE_UNSTARTED, settle_call
@@ -154,6 +154,7 @@ class FleetClient:
         self._listener = _Listener(wait_client(settings, client_name=f"{self.name}-wait"), self._router,
                                    settings.redis_url)
         self._settle_script = self._redis.register_script(SETTLE_UNSTARTED)
+        self._models = ModelControl(self._publisher, self._redis)
         self._control_app: Celery | None = None
         telemetry.setup_producer()  # traces task publishing; a no-op unless an OTLP endpoint is set
 
@@ -243,9 +244,12 @@ class FleetClient:
         """Return the handle of an existing job, e.g. one submitted by another process."""
         return JobHandle(self, job_id)
 
-    def models(self) -> dict[str, CatalogEntry]:
-        """The fleet's models (read now): kind, queue, whether a live worker serves it, when one last did."""
-        return self._publisher.models()
+    @property
+    def models(self) -> ModelControl:
+        """The fleet's models: ``client.models()`` reads the catalog now (kind, queue, whether a live worker
+        serves it, when one last did); ``client.models.load(name)``, ``.unload(name)`` and
+        ``.switch(name, to=version)`` change what running workers serve (``producer/model_control.py``)."""
+        return self._models
 
     def _submit_one(self, kind: str, fields: dict[str, Any], extra: dict[str, Any]) -> JobHandle:
         request, options = build_request(kind, fields, extra)

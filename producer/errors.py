@@ -11,6 +11,7 @@ Names end in ``Error``. Each error that has a stable machine-readable reason car
 | ``JobIdConflictError`` | a caller-supplied job id is already in use | yes |
 | ``ModelUnavailableError`` | no live worker serves the model (and the caller did not opt in to wait) | yes |
 | ``QueueFullError`` | the queue is at ``max_queue_depth`` | yes |
+| ``NoMatchingWorkerError`` | a model command found no live worker to go to | nothing was sent |
 | ``FleetConnectionError`` | Redis cannot be reached or refused the credentials | yes, but see ``sent_job_ids`` |
 | ``RedisCommandError`` | Redis refused a command (ACL, memory, key type) | yes, but see ``sent_job_ids`` |
 | ``RedisURLError`` | ``REDIS_URL`` cannot be used as given | yes |
@@ -125,6 +126,11 @@ class QueueFullError(FleetError):
     def __init__(self, queue: str, depth: int, limit: int):
         super().__init__(f"queue {queue} holds {depth} jobs (limit {limit}); try later or raise FLEET_MAX_QUEUE_DEPTH")
         self.queue, self.depth, self.limit = queue, depth, limit
+
+
+class NoMatchingWorkerError(FleetError):
+    """A model lifecycle command (``client.models.load`` ...) found no live worker group to go to: none matches
+    its ``workers`` selector, or, without one, none serves the model to unload or switch. Nothing was sent."""
 
 
 class JobFailedError(FleetError):

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 PREFIX = "fleet"
 
-#: Hash: model name -> JSON ``{"kind": ..., "queue": ...}`` of every model the fleet serves.
+#: Hash: model reference -> JSON ``{"kind": ..., "queue": ..., "last_seen": ...}`` of every model the
+#: fleet serves or served: a name (``minilm``; for a versioned model, its current version's queue) and
+#: each ``name@version`` (docs/PROTOCOL.md, "Model versions").
 CATALOG = f"{PREFIX}:catalog"
 
 #: Hash: model name -> JSON registry entry of a model a training job produced (``register_as``).
@@ -17,6 +19,19 @@ TRAINED_MODELS = f"{PREFIX}:trained-models"
 
 #: Set of worker names that have sent a heartbeat; each has a ``worker_heartbeat`` key.
 WORKERS = f"{PREFIX}:workers"
+
+
+def worker_models(worker_name: str) -> str:
+    """String: JSON ``{"models": [refs], "current": {name: ref}, "at": <UNIX time>}``, what the worker group
+    serves now, rewritten at every change (load, unload, switch); a group started again under the same
+    name serves these again (docs/PROTOCOL.md, "Model lifecycle"). No expiry."""
+    return f"{PREFIX}:worker-models:{worker_name}"
+
+
+def model_replies(command_id: str) -> str:
+    """List: the final ``ModelCommandReply`` JSON of each worker group a lifecycle command reached
+    (RPUSH by the workers, BLPOP by the sender); expires an hour after the last push."""
+    return f"{PREFIX}:model-replies:{command_id}"
 
 
 def job_record(job_id: str) -> str:

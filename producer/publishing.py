@@ -160,15 +160,24 @@ class Publisher:
         self._refresh_catalog()
         self._catalog.refuse_taken_name(name, trained=bool(self._redis.hexists(keys.TRAINED_MODELS, name)))
 
+    def heartbeats(self) -> list[bytes | str | None]:
+        """Every worker's heartbeat body (None for one that expired), read now (two round trips)."""
+        with redis_errors(self.settings.redis_url):
+            return self._catalog_and_heartbeats()[1]
+
     def _refresh_catalog(self) -> None:
         """Read ``fleet:catalog`` and every live heartbeat (two round trips)."""
+        raw_catalog, heartbeats = self._catalog_and_heartbeats()
+        self._catalog.load(parse_catalog(raw_catalog), live_models(heartbeats), time.monotonic())
+
+    def _catalog_and_heartbeats(self) -> tuple[Any, list[bytes | str | None]]:
         with self._redis.pipeline(transaction=False) as pipe:
             pipe.hgetall(keys.CATALOG)
             pipe.smembers(keys.WORKERS)
             raw_catalog, workers = pipe.execute()
         names = sorted(name.decode() for name in workers)
         heartbeats = self._redis.mget([keys.worker_heartbeat(name) for name in names]) if names else []
-        self._catalog.load(parse_catalog(raw_catalog), live_models(heartbeats), time.monotonic())
+        return raw_catalog, heartbeats
 
     def _wait_for_room(self, queue: str, incoming: int, block_s: float) -> None:
         """Return once ``queue`` has room for ``incoming`` more jobs; else ``QueueFullError``."""

@@ -11,6 +11,13 @@ from producer.contract.inference import (
     GenerateResult,
     LabelScore,
 )
+from producer.contract.lifecycle import (
+    MODEL_COMMAND,
+    ModelCommand,
+    ModelCommandReply,
+    ModelOp,
+    ReplyStatus,
+)
 from producer.contract.training import (
     Precision,
     TrainKind,
@@ -23,4 +30,5 @@ __all__ = [
     *_common_all,
     "ClassifyRequest", "ClassifyResult", "EmbedRequest", "EmbedResult", "GenerateRequest", "GenerateResult",
     "LabelScore", "Precision", "TrainKind", "TrainProgress", "TrainRequest", "TrainResult",
+    "MODEL_COMMAND", "ModelCommand", "ModelCommandReply", "ModelOp", "ReplyStatus",
 ]

@@ -9,14 +9,15 @@ from __future__ import annotations
 import math
 import re
 from enum import Enum
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictStr, field_validator
 
 __all__ = [
     "PROTOCOL_VERSION", "TASK_EMBED", "TASK_CLASSIFY", "TASK_GENERATE", "TASK_TRAIN",
     "QUEUE_PREFIX", "TRAINING_QUEUE", "ModelKind", "TASK_FOR_KIND", "MODEL_NAME_PATTERN",
-    "inference_queue", "Limits", "JobStatus", "CELERY_STATE_TO_STATUS", "ErrorCode",
+    "MODEL_VERSION_PATTERN", "MODEL_REF_PATTERN", "ModelRef", "split_model_ref", "inference_queue", "Limits",
+    "JobStatus", "CELERY_STATE_TO_STATUS", "ErrorCode",
     "JobError", "WireModel", "Finite", "refuse_non_finite",
 ]
 
@@ -50,16 +51,36 @@ TASK_FOR_KIND: dict[ModelKind, str] = {
 }
 
 MODEL_NAME_PATTERN = r"^[a-z0-9][a-z0-9_\-]{0,63}$"
-_MODEL_NAME_RE = re.compile(MODEL_NAME_PATTERN)
+#: A model version: what follows ``@`` in a model reference (``digits-mlp@2``, ``minilm@2024.06``).
+MODEL_VERSION_PATTERN = r"^[a-z0-9][a-z0-9_.\-]{0,31}$"
+#: A model reference: a model name, optionally pinned to one version (``name@version``). Jobs, the
+#: registry and the catalog name models by reference; a name without a version means the version the
+#: serving worker holds as current (docs/PROTOCOL.md, "Model versions").
+MODEL_REF_PATTERN = r"^[a-z0-9][a-z0-9_\-]{0,63}(@[a-z0-9][a-z0-9_.\-]{0,31})?$"
+_MODEL_REF_RE = re.compile(MODEL_REF_PATTERN)
+#: A request field naming a model by reference.
+ModelRef = Annotated[StrictStr, Field(pattern=MODEL_REF_PATTERN)]
+
+
+def split_model_ref(ref: str) -> tuple[str, str | None]:
+    """``"digits-mlp@2"`` -> ``("digits-mlp", "2")``; ``"minilm"`` -> ``("minilm", None)``.
+
+    Raises ``ValueError`` for a reference outside ``MODEL_REF_PATTERN``.
+    """
+    if not _MODEL_REF_RE.match(ref):
+        raise ValueError(f"model {ref!r} does not match {MODEL_REF_PATTERN} (a name, or name@version)")
+    name, _, version = ref.partition("@")
+    return name, version or None
 
 
 def inference_queue(kind: ModelKind | str, model: str) -> str:
-    """Return the Redis queue (list) name for jobs of ``kind`` on ``model``.
+    """Return the Redis queue (list) name for jobs of ``kind`` on ``model`` (a name or ``name@version``):
+    ``fleet.<kind>.<model>``. The queue of a bare name takes jobs for whichever version a worker holds
+    as current; the queue of ``name@version`` only jobs pinned to that version.
 
-    Raises ``ValueError`` for a model name outside ``MODEL_NAME_PATTERN``.
+    Raises ``ValueError`` for a reference outside ``MODEL_REF_PATTERN``.
     """
-    if not _MODEL_NAME_RE.match(model):
-        raise ValueError(f"model name {model!r} does not match {MODEL_NAME_PATTERN}")
+    split_model_ref(model)
     return f"{QUEUE_PREFIX}.{ModelKind(kind).value}.{model}"
 
 
@@ -135,6 +156,16 @@ class ErrorCode(str, Enum):
     JOB_ID_CONFLICT = "job_id_conflict"
     #: no live worker serves the model
     MODEL_UNAVAILABLE = "model_unavailable"
+    # Refusals of model lifecycle commands (docs/PROTOCOL.md, "Model lifecycle"), besides
+    # unknown_model, wrong_model_kind and model_error:
+    #: the model's estimated size exceeds the device memory free now; details: needed and free bytes
+    INSUFFICIENT_MEMORY = "insufficient_memory"
+    #: the worker already serves that model (that version)
+    ALREADY_LOADED = "already_loaded"
+    #: the worker does not serve the model it was told to unload or switch
+    NOT_LOADED = "not_loaded"
+    #: the worker holds as many models as its device process has slots for
+    TOO_MANY_MODELS = "too_many_models"
 
 
 def refuse_non_finite(value: Any) -> Any:

@@ -25,9 +25,8 @@ from pydantic import (
     model_validator,
 )
 
-from producer.contract.common import MODEL_NAME_PATTERN, PROTOCOL_VERSION, Finite, Limits, WireModel
+from producer.contract.common import PROTOCOL_VERSION, Finite, Limits, ModelRef, WireModel
 
-ModelName = Annotated[StrictStr, Field(pattern=MODEL_NAME_PATTERN)]
 Text = Annotated[StrictStr, Field(min_length=1, max_length=Limits.MAX_CHARS_PER_TEXT)]
 Probability = Annotated[StrictFloat | StrictInt, Finite, Field(gt=0.0, le=1.0)]
 
@@ -49,7 +48,7 @@ class EmbedRequest(WireModel):
 
     v: StrictInt = PROTOCOL_VERSION
     texts: Annotated[list[Text], Field(min_length=1, max_length=Limits.MAX_TEXTS_PER_JOB)]
-    model: ModelName = "minilm"
+    model: ModelRef = "minilm"
     normalize: StrictBool = True
     encoding: EmbedEncoding = "float"
 
@@ -198,7 +197,7 @@ class ClassifyRequest(WireModel):
     v: StrictInt = PROTOCOL_VERSION
     texts: Annotated[list[Text], Field(min_length=1, max_length=Limits.MAX_TEXTS_PER_JOB)] | None = None
     inputs: Annotated[list[FeatureVector], Field(min_length=1, max_length=Limits.MAX_TEXTS_PER_JOB)] | None = None
-    model: ModelName
+    model: ModelRef
     top_k: Annotated[StrictInt, Field(ge=1, le=Limits.MAX_LABELS_RETURNED)] = 1
 
     @model_validator(mode="after")
@@ -238,7 +237,7 @@ class GenerateRequest(WireModel):
 
     v: StrictInt = PROTOCOL_VERSION
     prompt: Annotated[StrictStr, Field(min_length=1, max_length=Limits.MAX_PROMPT_CHARS)]
-    model: ModelName
+    model: ModelRef
     max_new_tokens: Annotated[StrictInt, Field(ge=1, le=Limits.MAX_NEW_TOKENS)] = 64
     temperature: Annotated[StrictFloat | StrictInt, Finite, Field(ge=0.0, le=5.0)] = 0.0
     top_p: Probability = 1.0

@@ -24,7 +24,8 @@ from pydantic import (
     model_validator,
 )
 
-from producer.contract.common import MODEL_NAME_PATTERN, PROTOCOL_VERSION, Finite, WireModel
+from producer.contract.common import PROTOCOL_VERSION, Finite, ModelRef, WireModel
+from producer.contract.lifecycle import ModelCommandReply, ServeOn
 
 __all__ = [
     "TrainKind", "Precision", "DATASETS_FOR_KIND", "DEFAULTS_FOR_KIND", "MAX_LOSS_CURVE_POINTS",
@@ -71,7 +72,6 @@ DEFAULTS_FOR_KIND: dict[TrainKind, dict[str, Any]] = {
     TrainKind.CAUSAL_LM: {"dataset": "corpus", "epochs": 8, "batch_size": 4, "learning_rate": 1e-3},
 }
 
-ModelName = Annotated[StrictStr, Field(pattern=MODEL_NAME_PATTERN)]
 Beta = Annotated[StrictFloat | StrictInt, Finite, Field(ge=0.0, lt=1.0)]
 
 
@@ -87,7 +87,9 @@ class TrainRequest(WireModel):
     fables for the LM) and never trained on. The worker writes a checkpoint every
     ``checkpoint_every_steps`` optimizer steps and resumes from the newest one when the
     same job runs again. With ``register_as`` the finished model is registered for
-    serving under that name. With ``export_onnx`` (``mlp`` and ``cnn`` only) the finished model
+    serving under that name (a name, or ``name@version``), and with ``serve_on`` (``cpu``, ``cuda``,
+    ``mps`` or ``any``) the running workers started with ``--serve-trained`` on such a device load it
+    as soon as it is registered, without a restart. With ``export_onnx`` (``mlp`` and ``cnn`` only) the finished model
     is also exported to ONNX (fp32, checked against PyTorch) beside it, and ``register_as``
     then serves that export with ONNX Runtime.
     """
@@ -106,8 +108,9 @@ class TrainRequest(WireModel):
     seed: Annotated[StrictInt, Field(ge=0, le=2**32 - 1)] = 0
     checkpoint_every_steps: Annotated[StrictInt, Field(ge=1)] = 50
     eval_fraction: Annotated[StrictFloat, Finite, Field(gt=0.0, lt=0.5)] = 0.2
-    register_as: ModelName | None = None
+    register_as: ModelRef | None = None
     export_onnx: StrictBool = False
+    serve_on: ServeOn | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -135,6 +138,12 @@ class TrainRequest(WireModel):
                 f"dataset {value!r} is not one that kind {kind.value!r} trains on; known: {', '.join(known)}"
             )
         return value
+
+    @model_validator(mode="after")
+    def _serve_on_needs_a_name(self) -> TrainRequest:
+        if self.serve_on is not None and self.register_as is None:
+            raise ValueError("serve_on needs register_as: the name the trained model is served under")
+        return self
 
     @model_validator(mode="after")
     def _export_fits_kind(self) -> TrainRequest:
@@ -175,7 +184,8 @@ class TrainResult(WireModel):
     location of the checkpoint written on cancel, and ``metrics`` holds only
     ``val_loss_start`` and ``train_seconds``.
     ``onnx_artifact`` is the location of the ONNX export when the request asked for one
-    (``export_onnx``), else null.
+    (``export_onnx``), else null. ``serving``: with ``serve_on``, the reply of each worker asked to
+    load the model (``ModelCommandReply``; ``no_reply`` for one still loading when the job ended).
     """
 
     kind: TrainKind
@@ -188,3 +198,4 @@ class TrainResult(WireModel):
     artifact: str
     cancelled: bool
     onnx_artifact: str | None = None
+    serving: list[ModelCommandReply] | None = None

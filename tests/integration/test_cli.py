@@ -25,6 +25,7 @@ REDIS_COMMANDS = [
     ("status", []), ("health", []), ("health", ["--live"]), ("dlq list", []), ("dlq show", ["some-id"]),
     ("dlq retry", ["some-id"]), ("dlq purge", []), ("train", ["mlp", "--epochs", "1"]),
     ("worker", ["--device", "cpu", "--models", "minilm"]), ("up", ["--devices", "cpu"]),
+    ("models load", ["minilm"]), ("models unload", ["minilm"]), ("models switch", ["digits", "--to", "2"]),
 ]
 
 

@@ -6,6 +6,7 @@ Run on the GPU machine: ``python -m pytest -m gpu tests/unit/test_batching_gpu.p
 from __future__ import annotations
 
 import random
+import time
 
 import pytest
 
@@ -86,3 +87,39 @@ def test_shapes_beyond_the_buckets_run_eagerly(bert_dir):
     before = graphed.graph_report.eager_batches
     assert len(graphed.run_batch(ids)) == 6
     assert graphed.graph_report.eager_batches == before + 1
+
+
+def test_graphs_are_captured_while_another_model_keeps_computing(bert_dir):
+    """A model loaded into a serving worker (issue 15): its CUDA graphs are captured on the loading thread
+    while another model's batches keep running on theirs, and neither fails."""
+    import threading
+
+    serving = make_embedder(bert_dir, dtype="fp16", graphs=True)
+    ids = serving.encode_each(mixed_texts(8, seed=9))
+    finished, errors, stop = [], [], threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                serving.run_batch(ids)
+                finished.append(time.monotonic())
+            except Exception as exc:  # noqa: BLE001 - what the test is about
+                errors.append(exc)
+                return
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    while not finished and thread.is_alive():
+        time.sleep(0.01)
+    loading_from = time.monotonic()
+    loaded = make_embedder(bert_dir, dtype="fp16", graphs=True)
+    loading_to = time.monotonic()
+    stop.set()
+    thread.join()
+    assert not errors, errors
+    assert loaded.graph_report.captured == len(loaded.batch_buckets) * len(loaded.seq_buckets), \
+        loaded.graph_report.error
+    assert any(loading_from <= at <= loading_to for at in finished), "the serving model stopped while the other loaded"
+    before = loaded.graph_report.replays
+    assert cosine_min(loaded.run_batch(ids), serving.run_batch(ids)) >= 0.999
+    assert loaded.graph_report.replays == before + 1

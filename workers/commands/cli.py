@@ -141,20 +141,26 @@ def _names(models: str) -> list[str]:
 @option("--consumers", type=click.IntRange(1, 64), default=None,
         show_default="1 on CPU; on a GPU, from the CPU cores per GPU",
         help="consumer processes (Celery, no torch) feeding the one device process")
+@option("--serve-trained", is_flag=True,
+        help="load the models training jobs register with serve_on this device, as soon as they finish")
+@option("--reset-models", is_flag=True,
+        help="serve exactly --models, not what this worker served before it was restarted")
 @needs_redis
 def worker(device: str, models: str, registry: str | None, name: str | None, train: bool,
-           consumers: int | None) -> int:
+           consumers: int | None, serve_trained: bool, reset_models: bool) -> int:
     """Run one worker process pinned to one device: load the models, then consume their queues.
 
     \b
     A worker is a group of processes: one device process that owns the device and the models, and
     --consumers Celery consumer processes that receive, validate and tokenise jobs and answer them.
     On SIGTERM it stops taking jobs, lets running ones finish within FLEET_DRAIN_GRACE_S and
-    hands the rest back. Reads REDIS_URL and the worker settings: FLEET_CONCURRENCY,
-    FLEET_TORCH_THREADS, FLEET_DRAIN_GRACE_S, FLEET_MAX_ATTEMPTS, FLEET_VISIBILITY_TIMEOUT_S,
-    FLEET_RESULT_EXPIRES_S, FLEET_SWEEP_INTERVAL_S, FLEET_SWEEP_GRACE_S, FLEET_ARTIFACT_DIR,
-    FLEET_LOG_LEVEL, CUDA_VISIBLE_DEVICES and the OTEL_* telemetry variables. Needs the worker
-    extra (and training for --train on the digits data set, otel for telemetry export).
+    hands the rest back. `fleet models load|unload|switch` change its models while it runs; started
+    again under the same --name (and --models), it serves what it served before. Reads REDIS_URL
+    and the worker settings: FLEET_CONCURRENCY, FLEET_TORCH_THREADS, FLEET_DRAIN_GRACE_S,
+    FLEET_MAX_ATTEMPTS, FLEET_VISIBILITY_TIMEOUT_S, FLEET_RESULT_EXPIRES_S, FLEET_SWEEP_INTERVAL_S,
+    FLEET_SWEEP_GRACE_S, FLEET_ARTIFACT_DIR, FLEET_LOG_LEVEL, CUDA_VISIBLE_DEVICES and the OTEL_*
+    telemetry variables. Needs the worker extra (and training for --train on the digits data set,
+    otel for telemetry export).
     """
     require_extra("torch", extra="worker")
     from pathlib import Path
@@ -164,7 +170,8 @@ def worker(device: str, models: str, registry: str | None, name: str | None, tra
 
     settings = WorkerSettings(model_registry=Path(registry)) if registry else WorkerSettings()
     return run_worker(WorkerOptions(device=device, models=_names(models), name=name, train=train,
-                                    consumers=consumers), settings)
+                                    consumers=consumers, serve_trained=serve_trained, reset_models=reset_models),
+                      settings)
 
 
 @cli.command()
@@ -173,13 +180,15 @@ def worker(device: str, models: str, registry: str | None, name: str | None, tra
 @option("--registry", envvar="FLEET_MODEL_REGISTRY", default=None, show_default="the registry packaged with Fleet",
         help="model registry TOML")
 @option("--train", is_flag=True, help="workers also take training jobs")
+@option("--serve-trained", is_flag=True,
+        help="workers load the models training jobs register with serve_on their device, when they finish")
 @option("--flower", is_flag=True, help="also run the Flower dashboard on 127.0.0.1 (the dashboard extra)")
 @option("--flower-port", type=click.IntRange(1, 65535), default=5555, help="Flower's port")
 @option("--consumers", type=click.IntRange(1, 64), default=None,
         show_default="1 on CPU; on a GPU, from the CPU cores per GPU", help="consumer processes per worker")
 @needs_redis
-def up(devices: str, models: str, registry: str | None, train: bool, flower: bool, flower_port: int,
-       consumers: int | None) -> int:
+def up(devices: str, models: str, registry: str | None, train: bool, serve_trained: bool, flower: bool,
+       flower_port: int, consumers: int | None) -> int:
     """Run and supervise one `fleet worker` per device, restarted with back-off if one dies.
 
     \b
@@ -204,7 +213,7 @@ def up(devices: str, models: str, registry: str | None, train: bool, flower: boo
     from workers.process.worker_main import default_consumers
 
     consumers = consumers or default_consumers(plans[0].device, os.cpu_count() or 1, len(plans))
-    children = [Supervised.worker(plan, models, registry, train, consumers) for plan in plans]
+    children = [Supervised.worker(plan, models, registry, train, consumers, serve_trained) for plan in plans]
     if flower:
         require_extra("flower", extra="dashboard", purpose="--flower")
         from workers.commands import flower as dashboard
@@ -278,7 +287,9 @@ def status() -> int:
 @option("--grad-accum", type=click.IntRange(min=1), default=None, help="micro-batches per optimizer step")
 @option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default=None)
 @option("--seed", type=int, default=None)
-@option("--register-as", default=None, help="serve the finished model under this name")
+@option("--register-as", default=None, help="serve the finished model under this name (NAME or NAME@VERSION)")
+@option("--serve-on", type=click.Choice(["cpu", "cuda", "mps", "any"]), default=None,
+        help="have running `fleet worker --serve-trained` workers on this device load it when it is registered")
 @option("--export-onnx", is_flag=True, default=None,
         help="also export the finished mlp/cnn to ONNX (served with ONNX Runtime if registered)")
 @option("--follow", is_flag=True, help="show live progress and the final metrics")
@@ -299,7 +310,76 @@ def train(kind: str, dataset: str | None, follow: bool, **fields: Any) -> int:
 
 @cli.group()
 def models() -> None:
-    """Make and manage models."""
+    """Make and manage models: load, unload and switch them on running workers."""
+
+
+_workers_option = option("--workers", default=None, show_default="every live worker (load); those serving it",
+                         help="worker name patterns, comma-separated (fleet-gpu*, fleet-cpu@host-a)")
+_grace_option = option("--drain-grace", "drain_grace_s", type=click.FloatRange(min=0), default=None,
+                       show_default="the worker's FLEET_DRAIN_GRACE_S",
+                       help="seconds the retiring model's jobs in flight may take before they are handed back")
+_timeout_option = option("--timeout", type=click.FloatRange(min=0, min_open=True), default=300.0,
+                         help="seconds to wait for every worker's reply")
+
+
+@models.command("load")
+@click.argument("name")
+@_workers_option
+@_timeout_option
+@needs_redis
+def models_load(name: str, workers: str | None, timeout: float) -> int:
+    """Load NAME (or NAME@VERSION) on running workers beside what they serve, then serve it.
+
+    \b
+    Each worker checks its free device memory first (refused: insufficient_memory) and keeps serving
+    its other models while this one loads. Prints each worker's reply; exit 0 when all loaded it (or
+    had it), 65 when one refused, 1 when one did not reply in time. Reads REDIS_URL. Needs the cli extra.
+    """
+    require_extra("rich", extra="cli")
+    from workers.commands.lifecycle_cli import run_model_command
+
+    return run_model_command("load", name, workers=workers, timeout=timeout)
+
+
+@models.command("unload")
+@click.argument("name")
+@_workers_option
+@_grace_option
+@_timeout_option
+@needs_redis
+def models_unload(name: str, workers: str | None, drain_grace_s: float | None, timeout: float) -> int:
+    """Stop serving NAME (NAME@VERSION; a bare name: every version) on running workers and free its memory.
+
+    \b
+    Workers stop taking its jobs first, let those in flight finish (the rest go back to the queue after
+    --drain-grace), then free it. Jobs for a model no live worker serves wait in Redis; clients refuse
+    new ones unless told to wait (docs/PROTOCOL.md). Exit codes as for load. Reads REDIS_URL.
+    """
+    require_extra("rich", extra="cli")
+    from workers.commands.lifecycle_cli import run_model_command
+
+    return run_model_command("unload", name, workers=workers, drain_grace_s=drain_grace_s, timeout=timeout)
+
+
+@models.command("switch")
+@click.argument("name")
+@option("--to", "version", required=True, help="the version to serve NAME as (NAME@VERSION in the registry)")
+@_workers_option
+@_grace_option
+@_timeout_option
+@needs_redis
+def models_switch(name: str, version: str, workers: str | None, drain_grace_s: float | None, timeout: float) -> int:
+    """Move the workers serving NAME to NAME@VERSION with no moment unserved.
+
+    \b
+    Each loads the new version, serves NAME's jobs with it, then drains and unloads the old one. Jobs
+    pinned to a version (NAME@V) go to that version only. Exit codes as for load. Reads REDIS_URL.
+    """
+    require_extra("rich", extra="cli")
+    from workers.commands.lifecycle_cli import run_model_command
+
+    return run_model_command("switch", name, to=version, workers=workers, drain_grace_s=drain_grace_s,
+                             timeout=timeout)
 
 
 @models.command("init-demo")

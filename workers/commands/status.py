@@ -1,7 +1,10 @@
 """``fleet status``: the fleet as Redis sees it: workers, devices, models, queue depths.
 
 A queue whose model no live worker serves is flagged: its jobs wait until a worker for the
-model starts, and clients refuse new ones (``ModelUnavailableError``) unless told to wait.
+model starts (or loads it: ``fleet models load``), and clients refuse new ones
+(``ModelUnavailableError``) unless told to wait. A versioned model shows its name's queue (jobs
+for whichever version a worker holds as current, named in the ``current`` column) and each
+``name@version`` queue (jobs pinned to that version).
 """
 
 from __future__ import annotations
@@ -33,13 +36,15 @@ def print_status() -> int:
                         ",".join(beat.get("models", [])), str(beat.get("in_flight", 0)),
                         f"{time.time() - last:.0f} s ago" if last else "-")
     queues = Table(title="Queues")
-    for column in ("model", "queue", "waiting", "live workers"):
+    for column in ("model", "queue", "waiting", "live workers", "current"):
         queues.add_column(column, justify="right" if column in ("waiting", "live workers") else "left")
     unserved = []
     for name, entry in sorted(parse_catalog(client.hgetall(keys.CATALOG)).items()):
         serving = sum(name in beat.get("models", []) for beat in beats)
+        current = sorted({beat.get("current", {}).get(name) for beat in beats} - {None, name})
         depth = queue_depth(client, entry.queue)
-        queues.add_row(name, entry.queue, str(depth), str(serving) if serving else "[bold red]none[/]")
+        queues.add_row(name, entry.queue, str(depth), str(serving) if serving else "[bold red]none[/]",
+                       ", ".join(current) or "-")
         if not serving:
             unserved.append((name, entry, depth))
     console.print(workers)
@@ -47,5 +52,5 @@ def print_status() -> int:
     for name, entry, depth in unserved:
         seen = f"last served {time.time() - entry.last_seen:.0f} s ago" if entry.last_seen else "never served"
         console.print(f"[bold red]warning:[/] no live worker serves {name} ({seen}): {depth} job(s) wait in "
-                      f"{entry.queue}; start `fleet worker --models {name}`")
+                      f"{entry.queue}; start `fleet worker --models {name}` or run `fleet models load {name}`")
     return 0

@@ -15,7 +15,7 @@ from workers.commands.exit_codes import ExitCode
 #: ``fleet train`` option -> TrainRequest field.
 FIELDS = {"epochs": "epochs", "batch_size": "batch_size", "lr": "learning_rate", "grad_accum": "grad_accum_steps",
           "precision": "precision", "seed": "seed", "register_as": "register_as",
-          "export_onnx": "export_onnx"}
+          "export_onnx": "export_onnx", "serve_on": "serve_on"}
 POLL_S = 0.5
 
 
@@ -66,5 +66,8 @@ def run_train_command(kind: str, dataset: str | None, options: dict[str, Any], *
     table.add_row("artifact", result.artifact)
     if result.onnx_artifact:
         table.add_row("onnx export", result.onnx_artifact)
+    for reply in result.serving or []:
+        table.add_row(f"served by {reply.worker}", reply.status.value if reply.ok else f"{reply.status.value} "
+                      f"({reply.code or reply.message})")
     console.print(table)
     return ExitCode.OK

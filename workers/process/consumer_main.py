@@ -1,8 +1,11 @@
 """A consumer process of a worker group: a Celery worker (threads pool) that never imports torch.
 
 Spawned by the group's launcher (workers/process/worker_group.py). It imports Celery and
-its own code while the device process loads the models, then waits for the model cards,
-builds its runtime (tokenisers, the hand-off to the device) and consumes the group's queues.
+its own code while the device process loads the models, then waits for the group's serving plan
+(model cards, queues), builds its runtime (tokenisers, the hand-off to the device) and consumes
+the group's queues, following every later plan (workers/serving/plan_follower.py: a model loaded,
+switched or unloaded while it runs). Consumer 0 is the group's mailbox for model lifecycle
+commands: it passes them to the launcher (workers/queue/model_commands.py).
 Its jobs' compute happens in the device process; here they are received, validated,
 tokenised, handed over, and answered (results stored, messages acknowledged).
 
@@ -45,6 +48,12 @@ class ConsumerConfig:
     settings: dict[str, Any] = field(default_factory=dict)
 
 
+def generation_slots(plan: Any) -> dict[str, int]:
+    """Queue -> its generate model's engine slots, for the queues ``plan`` consumes (GenerationFlow's shares)."""
+    return {queue: plan.cards[ref]["slots"] for queue, ref in plan.queue_models().items()
+            if plan.cards[ref].get("slots")}
+
+
 def start_drain_watchdog(worker, runtime, grace_s: float, on_exit) -> None:
     """After SIGTERM, give in-flight jobs ``grace_s`` seconds; then hand the rest back and exit.
 
@@ -78,8 +87,9 @@ def start_drain_watchdog(worker, runtime, grace_s: float, on_exit) -> None:
     threading.Thread(target=watch, name="drain-watchdog", daemon=True).start()
 
 
-def consumer_main(config: ConsumerConfig, cards_pipe: Any) -> None:
-    """Entry point of a spawned consumer process; ``cards_pipe`` delivers the device's model cards."""
+def consumer_main(config: ConsumerConfig, cards_pipe: Any, commands_pipe: Any) -> None:
+    """Entry point of a spawned consumer process; ``cards_pipe`` delivers the group's serving plans (the
+    first once the device is ready), ``commands_pipe`` takes model commands to the launcher (consumer 0)."""
     from celery import signals
 
     from workers.observability.logs import configure_logging
@@ -95,21 +105,24 @@ def consumer_main(config: ConsumerConfig, cards_pipe: Any) -> None:
     from workers.queue.app import app  # Celery, kombu and the tasks: imported while the device loads
     from workers.queue.event_batching import EventBatching
     from workers.queue.generation_flow import GenerationFlow
+    from workers.queue.model_commands import install_model_commands
     from workers.serving import runtime as runtime_module
     from workers.serving.device_client import DeviceClient
-    from workers.serving.runtime import ConsumerRuntime, ModelCard
+    from workers.serving.plan_follower import PlanFollower
+    from workers.serving.runtime import ConsumerRuntime
+    from workers.serving.serving_plan import ServingPlan
 
     message = ipc.recv_json(cards_pipe)  # blocks until the device process is ready
     if message is None:
         log.info("consumer %d: the group is stopping before it started", config.index)
         board.set_consumer(config.index, State.STOPPED)
         return
-    runtime = ConsumerRuntime(settings=settings, device=message["device"],
-                              cards={card["name"]: ModelCard.from_dict(card) for card in message["cards"]},
-                              client=DeviceClient(config.address, board),
-                              on_counts=lambda in_flight, done: board.consumer_counts(config.index, in_flight, done))
+    plan = ServingPlan.from_message(message["plan"])
+    runtime = ConsumerRuntime.from_plan(plan, settings=settings, device=message["device"],
+                                        client=DeviceClient(config.address, board),
+                                        on_counts=lambda in_flight, done: board.consumer_counts(config.index, in_flight,
+                                                                                                done))
     runtime_module.install(runtime)
-    queues = [card.queue for card in runtime.cards.values()] + ([TRAINING_QUEUE] if config.train else [])
 
     from producer.redis_connection import redis_client
     from workers.observability import telemetry
@@ -133,11 +146,18 @@ def consumer_main(config: ConsumerConfig, cards_pipe: Any) -> None:
     app.steps["consumer"].add(consumer_progress_step(board, config.index,
                                                      lambda: (runtime.in_flight, runtime.jobs_done)))
     app.steps["consumer"].add(EventBatching)
-    flow = GenerationFlow({card.queue: card.slots for card in runtime.cards.values() if card.slots},
-                          config.consumers)
+    flow = GenerationFlow(generation_slots(plan), config.consumers)
+    app.steps["consumer"].add(flow.step())
     if flow.shares:
-        app.steps["consumer"].add(flow.step())
         flow.connect()
+    follower = PlanFollower(runtime, board, config.index, plan, cards_pipe,
+                            fixed_queues={TRAINING_QUEUE} if config.train else set(),
+                            on_plan=lambda new_plan: flow.update(generation_slots(new_plan)))
+    app.steps["consumer"].add(follower.step())
+    follower.listen()
+    install_model_commands(config.worker_name,
+                           (lambda command: ipc.send_json(commands_pipe, command)) if config.index == 0 else None)
+    queues = follower.queues
 
     def stop_services() -> None:
         if sweeper is not None:
@@ -158,7 +178,9 @@ def consumer_main(config: ConsumerConfig, cards_pipe: Any) -> None:
     signals.worker_shutting_down.connect(on_shutdown, weak=False)
     worker = app.Worker(hostname=config.node_name, pool="threads",
                         concurrency=config.concurrency + flow.extra_threads,
-                        queues=queues, loglevel=settings.log_level.upper(), without_mingle=True,
+                        # With no queue yet (a --serve-trained worker), not Celery's default queue either.
+                        queues=queues, exclude_queues=[] if queues else [app.conf.task_default_queue],
+                        loglevel=settings.log_level.upper(), without_mingle=True,
                         without_gossip=True, optimization="fair")
     try:
         worker.start()

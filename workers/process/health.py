@@ -45,6 +45,11 @@ class Heartbeat:
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="heartbeat", daemon=True)
 
+    def set_catalog(self, catalog: Mapping[str, dict[str, Any]]) -> None:
+        """From the next beat on, keep these models in the catalog (a model left out stops being refreshed:
+        its ``last_seen`` ages, and no live heartbeat lists it)."""
+        self._catalog = dict(catalog)
+
     def start(self) -> Heartbeat:
         self.beat()
         self._thread.start()

@@ -9,6 +9,9 @@ launcher reads them all, without a Redis command or a message:
   seconds). After a crash the launcher reads which jobs were in compute: only those can have
   caused it (docs/RELIABILITY.md, "Attempts");
 * each consumer: its pid and state, a tick from its Celery event loop, jobs in flight and done;
+  the version of the group's serving plan it has applied (its model cards and queues,
+  workers/serving/plan_follower.py) and how many jobs it still holds of queues it no longer
+  consumes (a model being unloaded waits for them);
 * each process's local metrics port when Prometheus export is on (the launcher's ``/metrics``
   gathers them, workers/process/group_probes.py).
 
@@ -41,8 +44,11 @@ _MAGIC = b"FLEETSB1"
 # device: pid, state, tick, batches done, metrics port; then per computing slot: started_at, length, bytes.
 _DEVICE = struct.Struct("<qqdqq")
 _SLOT_HEAD = struct.Struct("<dq")
-# consumer: pid, state, tick, in_flight, jobs_done, metrics port
+# consumer: pid, state, tick, in_flight, jobs_done, metrics port; then its serving plan: version applied,
+# jobs it holds of queues it no longer consumes.
 _CONSUMER = struct.Struct("<qqdqqq")
+_CONSUMER_PLAN = struct.Struct("<qq")
+_CONSUMER_SIZE = _CONSUMER.size + _CONSUMER_PLAN.size
 _HEADER = struct.Struct("<8sq")  # magic, consumers
 
 _DEVICE_AT = _HEADER.size
@@ -91,6 +97,10 @@ class ConsumerStatus:
     in_flight: int
     jobs_done: int
     metrics_port: int
+    #: The serving plan version this consumer has applied (0: the one it started with).
+    plan_version: int = 0
+    #: Jobs it holds (received, not finished) from queues its plan no longer consumes.
+    lingering: int = 0
 
 
 class StatusBoard:
@@ -109,7 +119,7 @@ class StatusBoard:
         if not 1 <= consumers <= MAX_CONSUMERS:
             raise ValueError(f"consumers must be 1..{MAX_CONSUMERS}, got {consumers}")
         with open(path, "wb") as handle:
-            handle.truncate(_CONSUMERS_AT + consumers * _CONSUMER.size)
+            handle.truncate(_CONSUMERS_AT + consumers * _CONSUMER_SIZE)
         memory = _map(Path(path))
         _HEADER.pack_into(memory, 0, _MAGIC, consumers)
         return cls(Path(path), memory, consumers)
@@ -148,8 +158,12 @@ class StatusBoard:
         self._memory[at + _SLOT_HEAD.size:at + _SLOT_HEAD.size + len(raw)] = raw
         _SLOT_HEAD.pack_into(self._memory, at, time.monotonic(), len(raw))
 
-    def batch_finished(self, slot: int) -> None:
+    def clear_computing(self, slot: int) -> None:
+        """Slot ``slot`` computes nothing (its model was unloaded; the slot may serve another)."""
         _SLOT_HEAD.pack_into(self._memory, _SLOTS_AT + slot * _SLOT_SIZE, 0.0, 0)
+
+    def batch_finished(self, slot: int) -> None:
+        self.clear_computing(slot)
         with self._write_lock:
             pid, state, tick, batches, port = _DEVICE.unpack_from(self._memory, _DEVICE_AT)
             _DEVICE.pack_into(self._memory, _DEVICE_AT, pid, state, time.monotonic(), batches + 1, port)
@@ -173,7 +187,7 @@ class StatusBoard:
     def _consumer_at(self, index: int) -> int:
         if not 0 <= index < self.consumers:
             raise IndexError(f"consumer {index} of {self.consumers}")
-        return _CONSUMERS_AT + index * _CONSUMER.size
+        return _CONSUMERS_AT + index * _CONSUMER_SIZE
 
     def set_consumer(self, index: int, state: State, pid: int | None = None, metrics_port: int | None = None) -> None:
         at = self._consumer_at(index)
@@ -196,9 +210,16 @@ class StatusBoard:
             pid, state, tick, _, _, port = _CONSUMER.unpack_from(self._memory, at)
             _CONSUMER.pack_into(self._memory, at, pid, state, tick, in_flight, jobs_done, port)
 
+    def consumer_plan(self, index: int, version: int, lingering: int) -> None:
+        """The serving plan version consumer ``index`` has applied, and the jobs it still holds of
+        queues that plan no longer consumes (written by the consumer only)."""
+        _CONSUMER_PLAN.pack_into(self._memory, self._consumer_at(index) + _CONSUMER.size, version, lingering)
+
     def consumer(self, index: int) -> ConsumerStatus:
-        pid, state, tick, in_flight, done, port = _CONSUMER.unpack_from(self._memory, self._consumer_at(index))
-        return ConsumerStatus(index, pid, State(state), tick, in_flight, done, port)
+        at = self._consumer_at(index)
+        pid, state, tick, in_flight, done, port = _CONSUMER.unpack_from(self._memory, at)
+        plan_version, lingering = _CONSUMER_PLAN.unpack_from(self._memory, at + _CONSUMER.size)
+        return ConsumerStatus(index, pid, State(state), tick, in_flight, done, port, plan_version, lingering)
 
     def all_consumers(self) -> list[ConsumerStatus]:
         return [self.consumer(index) for index in range(self.consumers)]

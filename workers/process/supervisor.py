@@ -105,9 +105,9 @@ class Supervised:
 
     @classmethod
     def worker(cls, plan: WorkerPlan, models: str, registry: str | None, train: bool,
-               consumers: int | None = None) -> Supervised:
+               consumers: int | None = None, serve_trained: bool = False) -> Supervised:
         """The ``fleet worker`` child for ``plan``, with its pinning environment."""
-        return cls(plan.name, worker_command(plan, models, registry, train, consumers), plan.env)
+        return cls(plan.name, worker_command(plan, models, registry, train, consumers, serve_trained), plan.env)
 
     def start(self) -> None:
         # The child dies with the supervisor (a SIGKILLed `fleet up` leaves no worker behind); the
@@ -175,7 +175,7 @@ class Supervisor:
 
 
 def worker_command(plan: WorkerPlan, models: str, registry: str | None, train: bool,
-                   consumers: int | None = None) -> list[str]:
+                   consumers: int | None = None, serve_trained: bool = False) -> list[str]:
     """The ``fleet worker`` command line for ``plan`` (``consumers`` None: the worker's own default)."""
     command = [sys.executable, "-m", "workers.commands.cli", "worker", "--device", plan.device, "--name", plan.name]
     if consumers:
@@ -186,4 +186,6 @@ def worker_command(plan: WorkerPlan, models: str, registry: str | None, train: b
         command += ["--registry", registry]
     if train:
         command.append("--train")
+    if serve_trained:
+        command.append("--serve-trained")
     return command

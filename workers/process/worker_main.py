@@ -9,16 +9,20 @@ worker or the models. It:
    resident models, one batcher per model) and ``--consumers`` **consumer processes**
    (workers/process/consumer_main.py: Celery workers, threads pool, no torch) that import
    their code while the models load;
-3. once the device reports its models, gives the consumers the model cards and writes the
-   group's heartbeat (ready once every process is ready), which keeps the models it serves in
-   the catalog with their ``last_seen`` time;
+3. once the device reports its models, gives the consumers the group's serving plan (the model
+   cards, the queues; workers/serving/serving_plan.py) and writes the group's heartbeat (ready once
+   every process is ready), which keeps the models it serves in the catalog with their
+   ``last_seen`` time;
 4. watches them: a consumer that dies is started again (the jobs it held come back to their
    queues after the visibility timeout); if the device process dies, the consumers' waiting
    jobs are handed back to their queues, the jobs it was computing are charged or marked
    suspect (docs/RELIABILITY.md, "Attempts"), the consumers stop, and the launcher exits with
    ``EXIT_DEVICE_LOST`` so that ``fleet up`` (or Kubernetes) restarts the whole group;
 5. on SIGTERM or SIGINT: consumers drain (jobs in flight finish within ``FLEET_DRAIN_GRACE_S``,
-   the rest are handed back), then the device process stops, then the launcher exits 0.
+   the rest are handed back), then the device process stops, then the launcher exits 0;
+6. carries out the model commands consumer 0 passes on (load, unload, switch a model while the
+   group serves: workers/process/model_lifecycle.py), and starts with the models its record in
+   Redis says it served before a restart (``--reset-models``: exactly ``--models``).
 
 The group's processes share a status board (workers/process/status_board.py) and talk over
 a ZeroMQ socket in a private runtime directory.
@@ -28,10 +32,12 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import shutil
 import signal
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,14 +46,15 @@ from typing import Any
 import redis
 
 from producer import keys, redis_connection
-from producer.redis_connection import text
 from workers.commands.exit_codes import ExitCode
 from workers.observability.logs import configure_logging
 from workers.process.devices import DeviceError, parse_device, pin_cuda_device
 from workers.process.health import Heartbeat
-from workers.process.status_board import COMPUTING_SLOTS, MAX_CONSUMERS, State, StatusBoard
+from workers.process.model_lifecycle import MODEL_SLOTS, ModelLifecycle, current_registry, restored_models
+from workers.process.status_board import MAX_CONSUMERS, State, StatusBoard
 from workers.serving import ipc
-from workers.serving.registry import ModelSpec, RegistryError, load_registry, select, with_trained_models
+from workers.serving.registry import ModelSpec, RegistryError, select
+from workers.serving.serving_plan import ServingPlan
 from workers.settings import WorkerSettings
 
 log = logging.getLogger("fleet.worker")
@@ -76,6 +83,10 @@ class WorkerOptions:
     name: str | None = None
     train: bool = False
     consumers: int | None = None
+    #: Load models that training jobs register with ``serve_on`` a device like this one, when they finish.
+    serve_trained: bool = False
+    #: Start with exactly ``models``, not with what the group's record says it served before.
+    reset_models: bool = False
 
 
 def default_consumers(device: str, cpus: int, devices_on_host: int = 1) -> int:
@@ -109,12 +120,6 @@ def consumer_node_name(group_name: str, index: int) -> str:
     return f"{base}-c{index}@{host}" if host else f"{base}-c{index}"
 
 
-def catalog_entries(specs: list[ModelSpec]) -> dict[str, dict[str, Any]]:
-    """The catalog entries of the models this worker serves; its heartbeat keeps them in ``fleet:catalog``
-    (with ``last_seen``), so that clients send only jobs a live worker will take."""
-    return {spec.name: {"kind": spec.kind.value, "queue": spec.queue} for spec in specs}
-
-
 def charge_crash(redis_client: redis.Redis, computing: list[list[str]], ttl_s: int) -> None:
     """After the device process died: charge each job it was computing alone; mark batch-mates suspect."""
     with redis_client.pipeline(transaction=False) as pipe:
@@ -137,23 +142,28 @@ def run_worker(options: WorkerOptions, settings: WorkerSettings | None = None) -
     redis_client = redis_connection.redis_client(settings)
     try:
         requested = pin_cuda_device(parse_device(options.device))
-        trained = {text(name): text(raw) for name, raw in redis_client.hgetall(keys.TRAINED_MODELS).items()}
-        registry = with_trained_models(load_registry(settings.model_registry), trained)
-        specs = select(registry, options.models)
+        name = worker_name(options, requested, settings.hostname)
+        registry = current_registry(redis_client, settings)
+        select(registry, options.models)  # an unknown --models name stops the worker, record or not
+        restored = restored_models(redis_client, name, options.models, registry, options.reset_models)
+        specs = select(registry, restored.models)
     except (DeviceError, RegistryError) as exc:
         log.error("cannot start worker: %s", exc)
         return EXIT_CONFIG_ERROR
-    if not specs and not options.train:
-        log.error("cannot start worker: give --models and/or --train")
+    if not specs and not options.train and not options.serve_trained:
+        log.error("cannot start worker: give --models, --train and/or --serve-trained")
         return EXIT_CONFIG_ERROR
-    if len(specs) > COMPUTING_SLOTS - 1:
-        log.error("cannot start worker: at most %d models per worker, %d given", COMPUTING_SLOTS - 1, len(specs))
+    if len(specs) > MODEL_SLOTS:
+        log.error("cannot start worker: at most %d models per worker, %d given", MODEL_SLOTS, len(specs))
         return EXIT_CONFIG_ERROR
+    if restored.models != options.models:
+        log.info("serving %s, as %s says (--reset-models: serve exactly --models)",
+                 ", ".join(restored.models) or "no model", restored.source)
     consumers = options.consumers or default_consumers(requested, os.cpu_count() or 1)
     if not 1 <= consumers <= MAX_CONSUMERS:
         log.error("cannot start worker: --consumers must be 1..%d, got %d", MAX_CONSUMERS, consumers)
         return EXIT_CONFIG_ERROR
-    group = WorkerGroup(options, settings, specs, requested, consumers, redis_client, stop)
+    group = WorkerGroup(options, settings, specs, requested, consumers, redis_client, stop, restored.current)
     try:
         group.start_probes()
     except OSError as exc:
@@ -184,21 +194,29 @@ class WorkerGroup:
     """The launcher's view of its device process and consumers."""
 
     def __init__(self, options: WorkerOptions, settings: WorkerSettings, specs: list[ModelSpec], requested: str,
-                 consumers: int, redis_client: redis.Redis, stop: _StopRequest):
+                 consumers: int, redis_client: redis.Redis, stop: _StopRequest,
+                 current: dict[str, str] | None = None):
         self.options, self.settings, self.specs = options, settings, specs
         self.redis, self.stop = redis_client, stop
         self.name = worker_name(options, requested, settings.hostname)
         # A training-only worker takes one job at a time, so that queued training jobs stay in
         # Redis (visible to autoscalers) instead of waiting in this group.
-        self.concurrency = 1 if options.train and not specs else settings.concurrency
-        self.consumer_count = 1 if options.train and not specs else consumers
+        training_only = options.train and not specs and not options.serve_trained
+        self.concurrency = 1 if training_only else settings.concurrency
+        self.consumer_count = 1 if training_only else consumers
         self.runtime_dir = Path(tempfile.mkdtemp(prefix="fleet-worker-", dir=_runtime_root()))
         self.address = f"ipc://{self.runtime_dir / 'device.sock'}"
         self.board = StatusBoard.create(self.runtime_dir / "board", self.consumer_count)
         self.context = multiprocessing.get_context("spawn")
         self.device_process: Any = None
         self.consumers: list[Any] = [None] * self.consumer_count
+        #: The device's ready message (device, identity, refused models), once it came.
         self.cards: dict[str, Any] | None = None
+        self._current = current or {}
+        #: What the group serves (workers/serving/serving_plan.py); consumers started later get the latest.
+        self.plan = ServingPlan()
+        self._plan_lock = threading.Lock()
+        self.lifecycle: ModelLifecycle | None = None
         self.heartbeat: Heartbeat | None = None
         self.stats: dict[str, Any] = {}
         self.started_at = time.time()
@@ -215,13 +233,20 @@ class WorkerGroup:
         from workers.process.group_probes import GroupLiveness, GroupReadiness, gather_metrics
         from workers.process.probes import ProbeServer
 
-        batched = {slot for slot, spec in enumerate(self.specs) if spec.kind.value != "generate"}
         ping = redis_connection.redis_client(self.settings, patient=False, socket_timeout=REDIS_CHECK_TIMEOUT_S,
                                              socket_connect_timeout=REDIS_CHECK_TIMEOUT_S).ping
         self.probes = ProbeServer(
-            GroupLiveness(self.board, self.settings.device_stall_s, self.settings.consumer_stall_s, lambda: batched),
+            GroupLiveness(self.board, self.settings.device_stall_s, self.settings.consumer_stall_s,
+                          self._batched_slots),
             GroupReadiness(self.board, ping), self.settings.probe_port,
             metrics=(lambda: gather_metrics(self.board)) if base.prometheus_export_on() else None).start()
+
+    def _batched_slots(self) -> set[int]:
+        """The status-board slots of the batched (not generate) models the group holds now."""
+        if self.lifecycle is None:
+            return {slot for slot, spec in enumerate(self.specs) if spec.kind.value != "generate"}
+        return {slot for ref, slot in self.lifecycle.slots.items()
+                if self.lifecycle.plan.cards.get(ref, {}).get("kind") != "generate"}
 
     # --- processes ----------------------------------------------------------------------------
 
@@ -245,19 +270,42 @@ class WorkerGroup:
         from workers.process.consumer_main import ConsumerConfig, consumer_main
 
         receive, send = self.context.Pipe(duplex=False)
+        commands, forward = self.context.Pipe(duplex=False)
         config = ConsumerConfig(worker_name=self.name, node_name=consumer_node_name(self.name, index), index=index,
                                 train=self.options.train, concurrency=self.concurrency,
                                 consumers=self.consumer_count, address=self.address,
                                 board_path=str(self.board.path), run_sweeper=index == 0,
                                 settings=self._settings_dict())
-        process: Any = self.context.Process(target=consumer_main, args=(config, receive),  # carries cards_pipe
+        process: Any = self.context.Process(target=consumer_main, args=(config, receive, forward),  # carries pipes
                                             name=f"fleet-consumer-{index}")
-        process.start()
-        receive.close()
-        process.cards_pipe = send
-        if self.cards is not None:
-            send.send(self.cards)
+        with self._plan_lock:
+            process.start()
+            receive.close()
+            forward.close()
+            process.cards_pipe, process.commands = send, commands
+            if self.cards is not None:
+                ipc.send_json(send, self._consumer_message(self.plan))
         return process
+
+    def _consumer_message(self, plan: ServingPlan) -> dict[str, Any]:
+        assert self.cards is not None
+        return {"device": self.cards["device"], "identity": self.cards["identity"], "plan": plan.message()}
+
+    def _publish_plan(self, plan: ServingPlan) -> None:
+        """Send ``plan`` to every consumer (a consumer started later gets it at its start)."""
+        with self._plan_lock:
+            self.plan = plan
+            for process in self.consumers:
+                try:
+                    ipc.send_json(process.cards_pipe, plan.message())
+                except OSError:  # it died; started again, it gets the plan then
+                    continue
+
+    def _announce_plan(self, plan: ServingPlan) -> None:
+        """Put ``plan``'s models in the heartbeat and its catalog entries, and beat now."""
+        if self.heartbeat is not None:
+            self.heartbeat.set_catalog(plan.catalog_entries())
+            self.heartbeat.beat()
 
     # --- life --------------------------------------------------------------------------------
 
@@ -269,16 +317,23 @@ class WorkerGroup:
         ready = self._wait_for_device()
         if ready is None:
             return self._shutdown(EXIT_LOAD_ERROR if not self.stop.requested else 0)
-        served = {card["name"] for card in ready["cards"]}
-        if not served and not self.options.train:
+        if not ready["cards"] and self.specs and not self.options.train:
             log.error("cannot start worker: every model was refused: %s", ready.get("refused"))
             return self._shutdown(EXIT_LOAD_ERROR)
-        self.cards = ready
-        for process in self.consumers:
-            ipc.send_json(process.cards_pipe, ready)
+        plan = ServingPlan.serving(ready["cards"], self._current)
+        with self._plan_lock:
+            self.cards, self.plan = ready, plan
+            for process in self.consumers:
+                ipc.send_json(process.cards_pipe, self._consumer_message(plan))
+        from workers.serving.device_client import DeviceClient
+
+        self.lifecycle = ModelLifecycle(
+            self.name, self.settings, self.redis, DeviceClient(self.address, self.board), self.board, plan,
+            {spec.name: slot for slot, spec in enumerate(self.specs) if spec.name in plan.cards},
+            self._publish_plan, self._announce_plan, self.options.models).start()
         self.heartbeat = Heartbeat(self.redis, self.name, self.snapshot, self.settings.heartbeat_interval_s,
                                    self.settings.heartbeat_interval_s * self.settings.heartbeat_ttl_intervals,
-                                   catalog=catalog_entries([s for s in self.specs if s.name in served])).start()
+                                   catalog=plan.catalog_entries()).start()
         return self._watch()
 
     def _wait_for_device(self) -> dict[str, Any] | None:
@@ -317,8 +372,19 @@ class WorkerGroup:
                 self.heartbeat.beat()
                 if ready:
                     log.info("worker %s ready", self.name)
-            time.sleep(WATCH_S)
+            self._take_model_commands(WATCH_S)
         return self._shutdown(0)
+
+    def _take_model_commands(self, wait_s: float) -> None:
+        """Wait up to ``wait_s`` for model commands from consumer 0 (the group's mailbox); pass them on."""
+        pipe = self.consumers[0].commands
+        try:
+            if multiprocessing.connection.wait([pipe], wait_s):
+                command = ipc.recv_json(pipe)
+                if self.lifecycle is not None:
+                    self.lifecycle.submit(command)
+        except (EOFError, OSError):  # consumer 0 died: it is started again with a new pipe
+            time.sleep(wait_s)
 
     def _device_lost(self) -> int:
         code = self.device_process.exitcode
@@ -367,6 +433,8 @@ class WorkerGroup:
         return code
 
     def close(self) -> None:
+        if self.lifecycle is not None:
+            self.lifecycle.stop()
         if self.heartbeat is not None:
             self.heartbeat.stop()
         if self.probes is not None:
@@ -380,14 +448,15 @@ class WorkerGroup:
         """The heartbeat body: the device, each consumer and the models, with the device's statistics."""
         device = self.board.device()
         consumers = self.board.all_consumers()
-        cards = (self.cards or {}).get("cards", [])
+        plan = self.plan
         identity = (self.cards or {}).get("identity", {})
         self.stats = self._device_stats() or self.stats
         return {
             "host": self.settings.hostname, "pid": os.getpid(), "device": (self.cards or {}).get("device"),
             "device_name": identity.get("name"), "device_uuid": identity.get("uuid"),
-            "visible_gpus": identity.get("visible_gpus"), "models": sorted(card["name"] for card in cards),
-            "train": self.options.train, "in_flight": sum(c.in_flight for c in consumers),
+            "visible_gpus": identity.get("visible_gpus"), "models": plan.announced(), "current": dict(plan.current),
+            "train": self.options.train, "serve_trained": self.options.serve_trained,
+            "in_flight": sum(c.in_flight for c in consumers),
             "jobs_done": sum(c.jobs_done for c in consumers), "started_at": self.started_at,
             "device_process": {"pid": device.pid, "state": device.state.name.lower(), "batches": device.batches,
                                "tick_age_s": round(time.monotonic() - device.tick, 3) if device.tick else None},
@@ -395,7 +464,7 @@ class WorkerGroup:
                            "jobs_done": c.jobs_done,
                            "tick_age_s": round(time.monotonic() - c.tick, 3) if c.tick else None}
                           for c in consumers],
-            "load": {card["name"]: card["load"] for card in cards},
+            "load": {ref: plan.cards[ref]["load"] for ref in sorted(plan.consuming)},
             "refused": (self.cards or {}).get("refused", {}),
             **self.stats,
         }

@@ -30,11 +30,23 @@ class GenerationFlow:
     """Per generate queue, this consumer's share of the engine's slots and its jobs holding one."""
 
     def __init__(self, slots_by_queue: dict[str, int], consumers: int):
-        self.shares = {queue: max(1, math.ceil(slots / max(1, consumers))) for queue, slots in slots_by_queue.items()}
+        self._consumers = max(1, consumers)
+        self.shares = {queue: max(1, math.ceil(slots / self._consumers)) for queue, slots in slots_by_queue.items()}
         self._held = dict.fromkeys(self.shares, 0)
         self._jobs: dict[str, str] = {}  # job id -> queue, for the jobs holding a share
         self._lock = threading.Lock()
         self._consumer: Any = None
+        self._connected = False
+
+    def update(self, slots_by_queue: dict[str, int]) -> None:
+        """Follow the group's serving plan (a generate model loaded or unloaded while the consumer runs;
+        called in its event loop): shares for the queues it now consumes, none for those it dropped."""
+        with self._lock:
+            self.shares = {queue: max(1, math.ceil(slots / self._consumers)) for queue, slots in slots_by_queue.items()}
+            for queue in self.shares:
+                self._held.setdefault(queue, 0)
+        if self.shares:
+            self.connect()
 
     @property
     def extra_threads(self) -> int:
@@ -61,6 +73,9 @@ class GenerationFlow:
         return GenerationFlowStep
 
     def connect(self) -> None:
+        if self._connected:
+            return
+        self._connected = True
         signals.task_received.connect(self._on_received, weak=False)
         signals.task_postrun.connect(self._on_postrun, weak=False)
 
@@ -82,7 +97,7 @@ class GenerationFlow:
             queue = self._jobs.pop(task_id or "", None)
             if queue is None:
                 return
-            was_full = self._held[queue] == self.shares[queue]
+            was_full = self._held[queue] == self.shares.get(queue)  # no share: a queue no longer consumed
             self._held[queue] -= 1
         consumer = self._consumer
         if was_full and consumer is not None and consumer.hub is not None:

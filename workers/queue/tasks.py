@@ -188,16 +188,16 @@ def run_job(task, kind: ModelKind, request_cls: type[InferenceRequestT], args: t
     request = parse_payload(request_cls, args, kwargs)
     max_attempts = runtime.settings.max_attempts
     attempt = refuse_crashed_too_often(context, start, args[0], max_attempts)
-    runtime.model(request.model, kind)
     runtime.job_started(context.job_id)
     try:
+        runtime.model(request.model, kind)  # ModelRetired (a DeviceLost): its model left this worker
         return execute(runtime, request, context)
     except inference.Cancelled:
         context.stop_as_cancelled()
     except inference.Expired:
         context.stop_as_expired()
-    except DeviceLost:
-        log.warning("job %s: the device process ended; handing the job back to its queue", context.job_id)
+    except DeviceLost as exc:
+        log.warning("job %s: %s; handing the job back to its queue", context.job_id, exc)
         raise Reject("device process lost", requeue=True) from None
     except (JobFailedError, Ignore):
         raise

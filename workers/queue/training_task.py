@@ -1,5 +1,6 @@
 """The ``fleet.train`` task: run a training job on the group's device, report progress,
-stop on cancel, resume after a crash (from its checkpoint), and register the finished model.
+stop on cancel, resume after a crash (from its checkpoint), register the finished model and, with
+``serve_on``, have the running ``--serve-trained`` workers load it (workers/queue/model_commands.py).
 
 The training loop itself runs in the device process (workers/serving/device_server.py);
 this task, in a consumer, relays its progress to the result backend (``PROGRESS``, about
@@ -23,6 +24,7 @@ from producer.errors import JobFailedError
 from workers.observability import telemetry
 from workers.queue.app import app
 from workers.queue.job_context import JobContext
+from workers.queue.model_commands import serve_trained_model
 from workers.queue.tasks import FleetRequest, begin, parse_payload, refuse_bad_headers
 from workers.serving import inference
 from workers.serving import runtime as runtime_module
@@ -130,5 +132,8 @@ def train_task(self, *args, **kwargs) -> dict:
     if request.register_as:
         register_trained_model(context, request.register_as, request.kind, result["artifact"],
                                result.get("onnx_artifact"))
+    if request.serve_on and request.register_as:  # serve_on comes with register_as (TrainRequest checks)
+        replies = serve_trained_model(app, context.redis, request.register_as, request.serve_on)
+        result["serving"] = [reply.model_dump(mode="json") for reply in replies]
     return result
 

@@ -11,7 +11,12 @@ included), reports them to the launcher, then serves the consumer processes over
   (workers/serving/generation/), which streams each job's pieces back from its decode thread;
   ``train`` requests run on a thread of their own and stream their progress back;
 * while a batch computes, the status board holds the ids of its jobs, so that if the process
-  dies the launcher knows which jobs were in compute (docs/RELIABILITY.md, "Attempts").
+  dies the launcher knows which jobs were in compute (docs/RELIABILITY.md, "Attempts");
+* ``load`` and ``unload`` requests (the launcher's, workers/process/model_lifecycle.py) add or
+  remove a model while the others keep serving: a load is checked against the free device memory
+  (workers/serving/memory_budget.py), then loaded and warmed up (CUDA graphs included) on a thread
+  of its own; an unloaded model's queued work is handed back and its memory freed. A request for a
+  model being unloaded is answered ``unavailable`` (its job goes back to the queue).
 
 Threads: the main thread owns the ROUTER socket (receives requests, sends every reply);
 batcher threads and job threads hand replies to it through one inproc PUSH socket each.
@@ -131,6 +136,9 @@ class _Resident:
     def __init__(self, spec: ModelSpec, impl: Any, report: Any, slot: int, board: StatusBoard, device: str):
         self.spec, self.impl, self.report, self.slot = spec, impl, report, slot
         self.batcher: DynamicBatcher | None = None
+        #: Infer jobs handed to the batcher and not answered yet.
+        self.outstanding = 0
+        self._outstanding_lock = threading.Lock()
         if hasattr(impl, "run_batch"):
             from workers.observability.telemetry import BatchScope
 
@@ -169,8 +177,23 @@ class _Resident:
                          "cuda_allocated_bytes": self.report.cuda_allocated_bytes,
                          "cuda_reserved_bytes": self.report.cuda_reserved_bytes}}
 
-    def close(self) -> None:
+    def job_added(self, count: int) -> None:
+        with self._outstanding_lock:
+            self.outstanding += count
+
+    def busy(self) -> int:
+        """Jobs of this model in the device now: infer jobs not answered, or sequences in the engine."""
+        if self.spec.kind is ModelKind.GENERATE:
+            return self.impl.limits.max_sequences - self.impl.free_slots()
+        with self._outstanding_lock:
+            return self.outstanding
+
+    def close(self, hand_back_queued: bool = False) -> None:
+        """Stop serving. ``hand_back_queued`` (an unload, its drain grace spent): work still queued in the
+        batcher fails at once as closing, so that its jobs go back to their queue; else it may run first."""
         if self.batcher is not None:
+            if hand_back_queued:
+                self.batcher.close(timeout=0)
             self.batcher.close()
         elif self.spec.kind is ModelKind.GENERATE:
             self.impl.close()  # its generation engine: running sequences are handed back
@@ -184,6 +207,19 @@ def _tokenizer_file(spec: ModelSpec) -> str | None:
         return None
     path = os.path.join(location, "tokenizer.json")
     return path if revision is None and os.path.isfile(path) else None
+
+
+#: Niceness of the thread that loads models into a serving device process (and of the threads it starts).
+LOAD_NICENESS = 10
+
+
+def _lower_thread_priority() -> None:
+    """Make the calling thread yield the CPU to the serving threads (Linux: a thread has its own nice value,
+    inherited by the threads it creates, e.g. the OpenMP team of its torch calls)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LOAD_NICENESS)
+    except (AttributeError, OSError) as exc:  # not Linux, or not allowed: load at the same priority
+        log.info("model loads run at normal priority: %s", exc)
 
 
 def _release_cuda_cache() -> None:
@@ -226,6 +262,11 @@ class DeviceServer:
         self._pull.bind(_REPLIES)
         self._replies = _Replies(self._context)
         self._training_threads = ThreadPoolExecutor(max_workers=2, thread_name_prefix="device-train")
+        #: Loads and unloads, one at a time, beside the serving threads (niced: serving goes first on the CPU).
+        self._lifecycle_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="device-lifecycle",
+                                                    initializer=_lower_thread_priority)
+        #: Models unloaded (or being unloaded): a request for one is answered ``unavailable``.
+        self._retired: set[str] = set()
         self._cancelled: dict[str, float] = {}
         self._cancel_lock = threading.Lock()
         self._stopping = threading.Event()
@@ -256,6 +297,7 @@ class DeviceServer:
                         self._handle(frames[0], frames[1:])
                     self._forward_replies()
         finally:
+            self._lifecycle_thread.shutdown(wait=True, cancel_futures=True)
             for resident in self.residents.values():
                 resident.close()
             self._forward_replies()
@@ -277,7 +319,7 @@ class DeviceServer:
         from workers.serving.models.base import memory_snapshot
 
         batching = {}
-        for name, resident in self.residents.items():
+        for name, resident in list(self.residents.items()):
             if resident.batcher is None:
                 continue
             entry = resident.batcher.stats_snapshot()
@@ -307,6 +349,13 @@ class DeviceServer:
                 self._cancel(str(header.get("job")), header.get("model"))
             elif op == "stats":
                 self._reply(identity, ipc.pack({"rid": rid, "ok": True, **self.stats()}))
+            elif op == "load":
+                self._lifecycle_thread.submit(self._load, identity, header)
+            elif op == "unload":
+                self._lifecycle_thread.submit(self._unload, identity, header)
+            elif op == "busy":
+                resident = self.residents.get(str(header.get("model")))
+                self._reply(identity, ipc.pack({"rid": rid, "ok": True, "jobs": resident.busy() if resident else 0}))
             elif op == "ping":
                 self._reply(identity, ipc.pack({"rid": rid, "ok": True, "models": sorted(self.residents)}))
             else:
@@ -319,6 +368,8 @@ class DeviceServer:
 
     def _resident(self, name: Any, kind: ModelKind | None = None) -> _Resident:
         resident = self.residents.get(name)
+        if resident is None and name in self._retired:
+            raise _RequestError("unavailable", f"model {name!r} is being unloaded from this worker")
         if resident is None:
             raise _RequestError(ErrorCode.UNKNOWN_MODEL.value, f"this worker does not serve model {name!r}",
                                 {"served": sorted(self.residents)})
@@ -342,10 +393,14 @@ class DeviceServer:
         if not items:
             raise _RequestError(ErrorCode.INVALID_INPUT.value, "no inputs")
         works = [_Work(item, job) for item in items]
-        futures = resident.batcher.submit(works, costs=costs, context=span_from_traceparent(header.get("trace")),
-                                          isolated=bool(header.get("isolate")))
+        try:
+            futures = resident.batcher.submit(works, costs=costs, context=span_from_traceparent(header.get("trace")),
+                                              isolated=bool(header.get("isolate")))
+        except BatcherClosed:  # unloaded between the lookup and now
+            raise _RequestError("unavailable", f"model {resident.spec.name!r} is being unloaded") from None
+        resident.job_added(1)
         _JobReply(self._replies, identity, header.get("rid"), futures, works, bool(header.get("normalize")),
-                  resident.spec.kind is ModelKind.EMBED)
+                  resident.spec.kind is ModelKind.EMBED, on_reply=lambda: resident.job_added(-1))
 
     def _cancel(self, job: str, model: Any) -> None:
         resident = self.residents.get(model)
@@ -422,6 +477,67 @@ class DeviceServer:
         self._replies.send([identity, *reply])
 
 
+    # --- loading and unloading models (on the lifecycle thread) --------------------------------
+
+    def _load(self, identity: bytes, header: dict[str, Any]) -> None:
+        """Load ``header["spec"]`` into status-board slot ``header["slot"]`` if it fits, warm it, and start
+        serving it here; reply with its card, the memory it took and the seconds it took."""
+        from workers.serving import memory_budget
+        from workers.serving.models.loader import load_model
+
+        rid, started = header.get("rid"), time.perf_counter()
+        try:
+            spec = ModelSpec.model_validate(header["spec"])
+            if spec.name in self.residents:
+                raise _RequestError(ErrorCode.ALREADY_LOADED.value, f"model {spec.name!r} is loaded already")
+            needed, free = memory_budget.estimated_bytes(spec), memory_budget.available_bytes(self.device)
+            if needed > free:
+                raise _RequestError(ErrorCode.INSUFFICIENT_MEMORY.value,
+                                    f"model {spec.name!r} needs about {needed / 2**20:.0f} MiB on {self.device}; "
+                                    f"{free / 2**20:.0f} MiB are free",
+                                    {"needed_bytes": needed, "available_bytes": free, "device": self.device,
+                                     "size_factor": memory_budget.SIZE_FACTOR})
+            before = memory_budget.in_use_bytes(self.device)
+            impl, report = load_model(spec, self.device)
+            resident = _Resident(spec, impl, report, int(header["slot"]), self.board, self.device)
+            reply = ipc.pack({"rid": rid, "ok": True, "card": resident.card(), "estimated_bytes": needed,
+                              "memory_bytes": max(0, memory_budget.in_use_bytes(self.device) - before),
+                              "seconds": time.perf_counter() - started})
+            self._retired.discard(spec.name)
+            self.residents = {**self.residents, spec.name: resident}  # serving from here on
+        except _RequestError as exc:
+            reply = ipc.error_reply(rid, exc.code, str(exc), exc.details)
+        except Exception as exc:  # noqa: BLE001 - a model that fails to load is refused; the others keep serving
+            log.error("loading model %s failed: %s: %s", header.get("spec", {}).get("name"), type(exc).__name__, exc)
+            reply = ipc.error_reply(rid, ErrorCode.MODEL_ERROR.value, f"{type(exc).__name__}: {exc}")
+        self._replies.send([identity, *reply])
+
+    def _unload(self, identity: bytes, header: dict[str, Any]) -> None:
+        """Stop serving ``header["model"]``: its queued work is answered ``unavailable`` (handed back), its
+        memory freed; reply with the bytes given back."""
+        import gc
+
+        from workers.serving import memory_budget
+
+        rid, name = header.get("rid"), str(header.get("model"))
+        resident = self.residents.get(name)
+        if resident is None:
+            self._replies.send([identity, *ipc.error_reply(rid, ErrorCode.NOT_LOADED.value,
+                                                           f"model {name!r} is not loaded")])
+            return
+        before = memory_budget.in_use_bytes(self.device)
+        self._retired.add(name)
+        self.residents = {ref: other for ref, other in self.residents.items() if ref != name}
+        resident.close(hand_back_queued=True)  # the launcher let its jobs drain first
+        self.board.clear_computing(resident.slot)
+        del resident
+        gc.collect()
+        memory_budget.release_freed_memory(self.device)
+        log.info("unloaded model %s", name)
+        self._replies.send([identity, *ipc.pack({"rid": rid, "ok": True, "memory_bytes": max(
+            0, before - memory_budget.in_use_bytes(self.device))})])
+
+
 class _RequestError(Exception):
     """A request refused before it reached a model (unknown model, wrong kind, no inputs)."""
 
@@ -447,7 +563,7 @@ def _generation_reply(rid: Any, request: Any, engine: Any, outcome: Any) -> list
 def _failure(rid: Any, exc: BaseException, job: str) -> list[bytes]:
     """The failure reply for an exception raised while computing a job."""
     if isinstance(exc, BatcherClosed):
-        return ipc.error_reply(rid, "unavailable", "the device process is stopping")
+        return ipc.error_reply(rid, "unavailable", "its model is being unloaded, or the device process is stopping")
     log.error("job %s failed on the device: %s: %s", job, type(exc).__name__, exc)
     code = ErrorCode.OUT_OF_MEMORY if is_out_of_memory(exc) else ErrorCode.MODEL_ERROR
     return ipc.error_reply(rid, code.value, f"{type(exc).__name__}: {exc}")
@@ -457,9 +573,10 @@ class _JobReply:
     """Collects the outputs of one infer job's items (in order) and replies once all are done."""
 
     def __init__(self, replies: _Replies, identity: bytes, rid: Any, futures: list[Future], works: list[_Work],
-                 normalize: bool, embed: bool):
+                 normalize: bool, embed: bool, on_reply: Any = None):
         self._replies, self._identity, self._rid = replies, identity, rid
         self._futures, self._works, self._normalize, self._embed = futures, works, normalize, embed
+        self._on_reply = on_reply
         self._left = len(futures)
         self._lock = threading.Lock()
         for future in futures:
@@ -471,11 +588,12 @@ class _JobReply:
             if self._left:
                 return
         failed = next((f.exception() for f in self._futures if f.exception() is not None), None)
-        if failed is not None:
-            frames = _failure(self._rid, failed, "")
-        else:
-            frames = self._rows()
-        self._replies.send([self._identity, *frames])
+        try:
+            frames = _failure(self._rid, failed, "") if failed is not None else self._rows()
+            self._replies.send([self._identity, *frames])
+        finally:
+            if self._on_reply is not None:
+                self._on_reply()
 
     def _rows(self) -> list[bytes]:
         import torch

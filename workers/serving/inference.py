@@ -2,10 +2,11 @@
 
 Each function takes the consumer runtime, a validated request and the job's context, sends
 the job to the device process (workers/serving/device_client.py) and returns the contract
-result as a JSON-ready dict. Embedding and classification rows come back as one float32
-frame; the result is built from it with NumPy (no torch here): vectors for ``"float"``
-results stay a float32 array that the orjson serializer writes directly
-(producer/serialization.py), base64 vectors are the rows' bytes.
+result as a JSON-ready dict. A result's ``model`` is the model reference that computed it: for a
+job naming a versioned model without a version, ``name@version`` of the current version.
+Embedding and classification rows come back as one float32 frame; the result is built from it
+with NumPy (no torch here): vectors for ``"float"`` results stay a float32 array that the orjson
+serializer writes directly (producer/serialization.py), base64 vectors are the rows' bytes.
 """
 
 from __future__ import annotations
@@ -113,7 +114,7 @@ def embed(runtime: ConsumerRuntime, request: EmbedRequest, context: Any) -> dict
     card = runtime.model(request.model, ModelKind.EMBED)
     rows = _rows(runtime, card, {"normalize": request.normalize}, _tokenise(runtime, card, list(request.texts)),
                  context, "embedding")
-    result: dict[str, Any] = {"model": request.model, "device": card.device, "dim": int(rows.shape[1]),
+    result: dict[str, Any] = {"model": card.name, "device": card.device, "dim": int(rows.shape[1]),
                               "encoding": request.encoding}
     if request.encoding == "base64":
         result["vectors_b64"] = [base64.b64encode(row.tobytes()).decode("ascii") for row in rows]
@@ -145,7 +146,7 @@ def classify(runtime: ConsumerRuntime, request: ClassifyRequest, context: Any) -
     order = np.argsort(-probabilities, axis=1, kind="stable")[:, :top_k]
     predictions = [[{"label": card.labels[index], "score": float(row[index])} for index in picks]
                    for row, picks in zip(probabilities, order)]
-    return {"model": request.model, "device": card.device, "predictions": predictions}
+    return {"model": card.name, "device": card.device, "predictions": predictions}
 
 
 def _follow(runtime: ConsumerRuntime, header: dict[str, Any], context: Any, on_event,
@@ -172,12 +173,12 @@ def _follow(runtime: ConsumerRuntime, header: dict[str, Any], context: Any, on_e
 def generate(runtime: ConsumerRuntime, request: GenerateRequest, context: Any) -> dict[str, Any]:
     """Generate on the device's engine; stream pieces to the job's Redis stream if asked (the stream
     gets its end marker however the job ends); pass a cancel on; raise ``Cancelled``/``Expired``."""
-    runtime.model(request.model, ModelKind.GENERATE)
+    card = runtime.model(request.model, ModelKind.GENERATE)
     deadline = context.deadline()
-    header = {"op": "generate", "request": request.model_dump(mode="json"), "priority": context.priority,
-              "deadline": None if deadline is None else deadline.timestamp()}
+    header = {"op": "generate", "request": {**request.model_dump(mode="json"), "model": card.name},
+              "priority": context.priority, "deadline": None if deadline is None else deadline.timestamp()}
     try:
-        return _follow(runtime, header, context, lambda event: context.publish_piece(event["text"]), request.model)
+        return _follow(runtime, header, context, lambda event: context.publish_piece(event["text"]), card.name)
     finally:
         if request.stream:
             context.publish_piece(None)

@@ -21,6 +21,14 @@ Requests (consumer -> device), header fields:
 * ``{"op": "train", "rid", "job", "request": <TrainRequest JSON>}``: replies
   ``{"rid", "event": "progress", "progress": <TrainProgress JSON>}``, then the final result.
 * ``{"op": "cancel", "job", "model"}``: stop that job at its next safe point (no reply).
+* ``{"op": "load", "rid", "spec": <ModelSpec JSON>, "slot"}`` (the launcher's): load and warm the model
+  on a thread of its own if its estimated size fits the free memory; reply ``{"rid", "ok": true,
+  "card", "estimated_bytes", "memory_bytes", "seconds"}``, or a failure ``insufficient_memory`` (details:
+  ``needed_bytes``, ``available_bytes``), ``already_loaded``, ``model_error``.
+* ``{"op": "unload", "rid", "model"}``: stop serving the model (queued work answered ``unavailable``),
+  free it; reply ``{"rid", "ok": true, "memory_bytes"}`` or ``not_loaded``. A later request for it is
+  answered ``unavailable``.
+* ``{"op": "busy", "rid", "model"}``: reply ``{"rid", "ok": true, "jobs"}``, its jobs in the device now.
 * ``{"op": "ping", "rid"}``: reply ``{"rid", "ok": true}``.
 
 A failure reply is ``{"rid", "ok": false, "error": {"code": <ErrorCode value>, "message", "details"}}``.

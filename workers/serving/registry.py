@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from producer.contract import MODEL_NAME_PATTERN, ModelKind, inference_queue
+from producer.contract import MODEL_REF_PATTERN, ModelKind, inference_queue, split_model_ref
 from workers.serving.generation.limits import EngineLimits
 
 
@@ -40,6 +40,9 @@ class Backend(str, Enum):
 class ModelSpec(BaseModel):
     """One servable model. ``max_wait_ms`` is how long the batcher may hold a job to fill a batch.
 
+    ``name`` is the model's reference: a name, or ``name@version`` for one version of a model
+    (``[models."digits-mlp@2"]`` in the registry file). Every version of a name serves one kind.
+
     Generate models: ``max_batch_size`` is the most sequences decoding at once; ``max_seq_len``
     bounds prompt plus new tokens; ``max_prompt_tokens`` (default ``max_seq_len - 1``) the
     prompt; ``kv_cache_tokens`` (default ``max_batch_size * max_seq_len``) the KV cache, in token
@@ -51,7 +54,7 @@ class ModelSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: str = Field(pattern=MODEL_NAME_PATTERN)
+    name: str = Field(pattern=MODEL_REF_PATTERN)
     kind: ModelKind
     source: str
     dtype: DType = DType.FP32
@@ -96,7 +99,13 @@ class ModelSpec(BaseModel):
 
     @property
     def queue(self) -> str:
+        """The queue of jobs for exactly this model (``fleet.<kind>.<name>[@<version>]``)."""
         return inference_queue(self.kind, self.name)
+
+    @property
+    def base_name(self) -> str:
+        """The name without its version (``digits-mlp`` for ``digits-mlp@2``)."""
+        return split_model_ref(self.name)[0]
 
     def engine_limits(self) -> EngineLimits:
         """The generation engine's limits for this (generate) model."""

@@ -1,10 +1,11 @@
 """The per-process state of a consumer: what the device process serves and how to reach it.
 
-Built once in each consumer process (workers/process/consumer_main.py) from the model cards
-the device process reported, before the process consumes; tasks reach it through
-``current()``. A consumer never imports torch: the models live in the device process, and
-here each model is its card (kind, labels, dimension, tokenizer file) plus a ``TextEncoder``
-for text models.
+Built once in each consumer process (workers/process/consumer_main.py) from the group's serving
+plan (workers/serving/serving_plan.py), before the process consumes, and changed in place when a
+model is loaded, switched or unloaded while it runs (``adopt``, workers/serving/plan_follower.py);
+tasks reach it through ``current()``. A consumer never imports torch: the models live in the
+device process, and here each model is its card (kind, labels, dimension, tokenizer file) plus a
+``TextEncoder`` for text models.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from typing import Any
 
 from producer.contract import ErrorCode, ModelKind
 from producer.errors import JobFailedError
-from workers.serving.device_client import DeviceClient
+from workers.serving.device_client import DeviceClient, DeviceLost
+from workers.serving.serving_plan import ServingPlan
 from workers.serving.tokenization import TextEncoder
 from workers.settings import WorkerSettings
 
@@ -47,14 +49,25 @@ class ModelCard:
         return cls(**{**raw, "kind": ModelKind(raw["kind"])})
 
 
+class ModelRetired(DeviceLost):
+    """The job's model left this worker group (unloaded, or its name switched away) after the job was
+    received: the job is handed back to its queue, uncharged, for a worker that serves the model."""
+
+
 @dataclass
 class ConsumerRuntime:
-    """State of one consumer process: the device's models, the hand-off, and the jobs in flight."""
+    """State of one consumer process: the device's models, the hand-off, and the jobs in flight.
+
+    ``cards``: model reference -> card; ``current``: model name -> the reference that takes jobs naming
+    the name alone; ``retired``: references and names this group served and no longer does.
+    """
 
     settings: WorkerSettings
     device: str
     cards: dict[str, ModelCard]
     client: DeviceClient
+    current: dict[str, str] = field(default_factory=dict)
+    retired: frozenset[str] = frozenset()
     started_at: float = field(default_factory=time.time)
     in_flight_ids: set[str] = field(default_factory=set)
     jobs_done: int = 0
@@ -65,20 +78,50 @@ class ConsumerRuntime:
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
-        for card in self.cards.values():
-            if card.input_kind == "texts" and card.tokenizer:
-                self._encoders[card.name] = TextEncoder(card.tokenizer, card.max_seq_len)
+        self._encoders.update(self.new_encoders(self.cards.values()))
+
+    @classmethod
+    def from_plan(cls, plan: ServingPlan, **fields: Any) -> ConsumerRuntime:
+        """The runtime of a consumer starting with ``plan``."""
+        return cls(cards={ref: ModelCard.from_dict(card) for ref, card in plan.cards.items()},
+                   current=dict(plan.current), **fields)
+
+    def new_encoders(self, cards: Any) -> dict[str, TextEncoder]:
+        """Tokenisers for those of ``cards`` that take texts and have none yet (reads tokenizer files: call
+        it off the event loop)."""
+        return {card.name: TextEncoder(card.tokenizer, card.max_seq_len) for card in cards
+                if card.input_kind == "texts" and card.tokenizer and card.name not in self._encoders}
+
+    def adopt(self, plan: ServingPlan, encoders: dict[str, TextEncoder]) -> None:
+        """Serve as ``plan`` says from now on (``encoders``: from ``new_encoders`` for its new cards). Each
+        mapping is replaced whole, so a task thread reads either the old one or the new one."""
+        cards = {ref: self.cards.get(ref) or ModelCard.from_dict(card) for ref, card in plan.cards.items()}
+        served_before = set(self.cards) | set(self.current)
+        self._encoders = {**{ref: enc for ref, enc in self._encoders.items() if ref in cards}, **encoders}
+        self.retired = frozenset((self.retired | served_before) - set(cards) - set(plan.current))
+        self.current = dict(plan.current)
+        self.cards = cards
 
     def model(self, name: str, kind: ModelKind) -> ModelCard:
-        """The card of model ``name`` or fail the job with ``unknown_model`` / ``wrong_model_kind``."""
-        card = self.cards.get(name)
+        """The card of model ``name`` (a reference, or a name: its current reference) or fail the job with
+        ``unknown_model`` / ``wrong_model_kind``; raise ``ModelRetired`` (hand the job back) for a model
+        this group stopped serving after the job reached it."""
+        card = self.cards.get(self.current.get(name, name)) or self._retiring_version(name)
         if card is None:
+            if name in self.retired:
+                raise ModelRetired(f"model {name!r} left this worker; the job goes back to its queue")
             raise JobFailedError(ErrorCode.UNKNOWN_MODEL.value, f"this worker does not serve model {name!r}",
-                                 {"served": sorted(self.cards)})
+                                 {"served": sorted({*self.cards, *self.current})})
         if card.kind is not kind:
             raise JobFailedError(ErrorCode.WRONG_MODEL_KIND.value,
                                  f"model {name!r} serves {card.kind.value!r} jobs, not {kind.value!r}")
         return card
+
+    def _retiring_version(self, name: str) -> ModelCard | None:
+        """For a name with no current reference: its last version still resident (being unloaded), which
+        finishes the jobs it received before."""
+        versions = [card for ref, card in self.cards.items() if ref.partition("@")[0] == name]
+        return versions[-1] if versions else None
 
     def encoder(self, card: ModelCard) -> TextEncoder:
         encoder = self._encoders.get(card.name)

@@ -311,7 +311,9 @@ class Embedder:
                 self._encode(ids, mask)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
+        # thread_local: other threads keep computing other models while this one is captured (a model loaded
+        # into a running worker); "global" would fail their CUDA calls for the duration of the capture.
+        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
             out = self._encode(ids, mask)
         return _Graph(graph, ids, mask, out)
 

@@ -125,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
         phase = load.closed(f"saturated (c={args.concurrency})", args.concurrency, duration_s=args.seconds,
                             warmup_s=0.5)
         spy.wait(args.seconds + 60)
-        report: dict[str, Any] = {"commit": commit() if args.repo == REPO else str(args.repo), "date": time.strftime("%Y-%m-%d"),
+        report: dict[str, Any] = {
+                  "commit": commit() if args.repo == REPO else str(args.repo), "date": time.strftime("%Y-%m-%d"),
                   "jobs_per_s": round(phase.throughput_jobs_s, 1), "p50_ms": phase.p50_ms,
                   "processes": summarise(raw_path.read_text(), worker.pid, args.top)}
     finally:

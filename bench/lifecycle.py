@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -87,7 +88,9 @@ def cuda_setup(workdir: Path) -> Setup:
 def start_worker(setup: Setup, redis_url: str, name: str, *args: str, log_dir: Path) -> LaunchedWorker:
     env = {"HF_HUB_OFFLINE": "1", "FLEET_LOG_LEVEL": "WARNING", "FLEET_HEARTBEAT_INTERVAL_S": "0.5",
            "FLEET_MODEL_REGISTRY": setup.registry, "FLEET_CONCURRENCY": str(2 * setup.concurrency),
-           "FLEET_ARTIFACT_DIR": str(log_dir / "artifacts"), "PYTHONPATH": str(REPO), **setup.env}
+           "FLEET_ARTIFACT_DIR": str(log_dir / "artifacts"),
+           # The repository first, then what was already there (the GPU machine's carried wheels).
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])), **setup.env}
     return LaunchedWorker(redis_url, "--device", setup.device, *args, name=name, env=env, cwd=REPO,
                           log_path=log_dir / f"{name}.log").wait_ready()
 

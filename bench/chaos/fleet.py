@@ -1,6 +1,15 @@
 """The fleet a chaos run breaks: a private redis-server with the append-only file on, and real
 ``fleet worker`` processes (``workers/process/launch.py``) that it SIGKILLs and restarts.
 
+A kill hits one of three targets (``kill_targets``, taken in turn, kill after kill):
+
+* ``worker``: the whole group (its launcher; the device process and consumers die with it, as in
+  a pod kill); a replacement worker starts at once;
+* ``consumer``: one consumer process of a worker group, found in its heartbeat; the group's
+  launcher starts it again;
+* ``device``: a group's device process; the group stops (exit 75) as ``fleet up`` or Kubernetes
+  would see it, and a replacement worker starts at once, as they would start one.
+
 Workers serve ``minilm`` and the demo models (``topics``, ``tiny-llama``); each logs to
 ``<workdir>/<name>.log`` (``chaos-w1.log``, ...), which the checks read afterwards. Every event
 is printed with the seconds since the fleet was made.
@@ -8,6 +17,7 @@ is printed with the seconds since the fleet was made.
 
 from __future__ import annotations
 
+import os
 import random
 import signal
 import threading
@@ -18,6 +28,7 @@ from pathlib import Path
 import redis
 
 from workers.process.embedded_redis import RedisServer
+from workers.process.health import read_heartbeats
 from workers.process.launch import LaunchedWorker, wait_all_ready
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -36,6 +47,12 @@ class Fleet:
     env: dict[str, str]
     redis_signal: str
     redis_args: list[str] = field(default_factory=list)
+    #: ``fleet worker --consumers`` for every worker.
+    consumers: int = 1
+    #: What a kill may hit: ``worker``, ``consumer``, ``device`` (see the module docstring).
+    kill_targets: tuple[str, ...] = ("worker",)
+    #: Kills done per target.
+    kills_by_target: dict[str, int] = field(default_factory=dict)
     redis: RedisServer | None = None
     processes: dict[str, LaunchedWorker] = field(default_factory=dict)
     generation: int = 0
@@ -76,6 +93,7 @@ class Fleet:
             self.generation += 1
             name = f"chaos-w{self.generation}"
         worker = LaunchedWorker(self.url, "--device", "cpu", "--registry", str(self.registry), "--models", MODELS,
+                                "--consumers", str(self.consumers),
                                 name=name, env=self.env, log_path=self.workdir / f"{name}.log", cwd=REPO_ROOT)
         with self.lock:
             self.processes[name] = worker
@@ -95,10 +113,37 @@ class Fleet:
         except (redis.RedisError, RuntimeError):  # Redis restarting, or a worker just exited
             pass
         victim = rng.choice(ready or alive)
-        self.processes[victim].stop(signal.SIGKILL, timeout_s=30)
+        target = self.kill_targets[self.kills_done % len(self.kill_targets)]
+        pid = self._group_pid(victim, target) if target != "worker" else None
+        if target != "worker" and pid is None:
+            target = "worker"  # no heartbeat to find the process in (Redis restarting): kill the group
+        if pid is None:
+            self.processes[victim].stop(signal.SIGKILL, timeout_s=30)
+        else:
+            os.kill(pid, signal.SIGKILL)
         self.kills_done += 1
+        self.kills_by_target[target] = self.kills_by_target.get(target, 0) + 1
+        if target == "consumer":
+            self.note(f"SIGKILLed a consumer of {victim} (pid {pid}); its launcher starts it again")
+            return
         replacement = self.start_worker()
-        self.note(f"SIGKILLed {victim}; started {replacement}")
+        self.note(f"SIGKILLed {victim if target == 'worker' else f'the device process of {victim} (pid {pid})'}; "
+                  f"started {replacement}")
+
+    def _group_pid(self, name: str, target: str) -> int | None:
+        """The pid of ``name``'s device process or of one of its consumers, from its heartbeat."""
+        try:
+            client = redis.Redis.from_url(self.url, socket_timeout=2, socket_connect_timeout=2)
+            beat = next((b for b in read_heartbeats(client) if b["name"].split("@")[0] == name), None)
+            client.close()
+        except redis.RedisError:
+            return None
+        if beat is None:
+            return None
+        if target == "device":
+            return beat["device_process"]["pid"] or None
+        pids = [consumer["pid"] for consumer in beat["consumers"] if consumer["pid"]]
+        return random.Random(len(self.events)).choice(pids) if pids else None
 
     def wait_ready(self, names: list[str]) -> None:
         wait_all_ready([self.processes[name] for name in names], READY_TIMEOUT_S)

@@ -53,7 +53,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.max_attempts:
         env["FLEET_MAX_ATTEMPTS"] = str(args.max_attempts)
     redis_args = ["--auto-aof-rewrite-percentage", "0"] if args.no_aof_rewrite else []
-    fleet = Fleet(workdir, registry, args.workers, env, args.redis_signal, redis_args)
+    fleet = Fleet(workdir, registry, args.workers, env, args.redis_signal, redis_args, consumers=args.consumers,
+                  kill_targets=tuple(args.kill))
     # Workers are killed on purpose: jobs submitted while none is live must queue, not be refused.
     settings = FleetSettings(redis_url="redis://127.0.0.1:1/0", visibility_timeout_s=args.visibility_timeout,
                              wait_for_worker=True)
@@ -135,7 +136,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "resent_after_loss": resent_after_loss(workdir),
             "lost_in_delivery": sum(where == IN_DELIVERY for where, _ in lost_where.values()),
             "lost_other": sum(where != IN_DELIVERY for where, _ in lost_where.values()),
-            "workers_sigkilled": fleet.kills_done, "wrong": outcomes["wrong"],
+            "workers_sigkilled": fleet.kills_done, "kills_by_target": fleet.kills_by_target,
+            "consumers_killed": fleet.kills_by_target.get("consumer", 0) + args.consumers * (
+                fleet.kills_by_target.get("worker", 0) + fleet.kills_by_target.get("device", 0)),
+            "consumers_per_worker": args.consumers, "wrong": outcomes["wrong"],
             "failed_unexpectedly": outcomes["failed_unexpectedly"], "dead_lettered": outcomes["dead_lettered"],
             "duplicated": sum(1 for count in result_keys.values() if count > 1),
             "computed_twice": computed_twice, "stored_twice": stored_twice,
@@ -157,14 +161,16 @@ def report_failed(report: dict[str, Any]) -> bool:
     """Whether a run broke a promise: any wrong, failed unexpectedly, dead-lettered or duplicated job,
     any job submitted through FleetClient lost (the delivery sweeper re-sends those), any job lost
     other than in delivery to a worker that was then SIGKILLed, or more jobs lost in
-    delivery than workers were SIGKILLed (a worker has one consumer connection: one BRPOP reply in
-    flight at a time, so a kill can take at most one unrecorded message with it)."""
+    delivery than consumer processes died (each consumer has one BRPOP reply in flight at a time,
+    so its death can take at most one unrecorded message with it; a worker kill takes all its
+    consumers, and a device kill stops them, within the drain grace)."""
     if any(report.get(name) for name in ("wrong", "failed_unexpectedly", "dead_lettered", "duplicated",
                                          "lost_via_client")):
         return True
     if report.get("lost_other", report.get("lost")):
         return True
-    return report.get("lost_in_delivery", 0) > report.get("workers_sigkilled", report.get("kills", 0))
+    exposed = report.get("consumers_killed", report.get("workers_sigkilled", report.get("kills", 0)))
+    return report.get("lost_in_delivery", 0) > exposed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -174,6 +180,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--redis-restarts", type=int, default=1)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--workers", type=int, default=3)
+    parser.add_argument("--consumers", type=int, default=1, help="fleet worker --consumers for every worker")
+    parser.add_argument("--kill", type=lambda text: [t for t in text.split(",") if t], default=["worker"],
+                        help="what the kills hit, in turn: worker (the whole group), consumer (one consumer "
+                             "process), device (the device process); comma-separated")
     parser.add_argument("--rate", type=float, default=40.0, help="submissions per second")
     parser.add_argument("--concurrency", type=int, default=16, help="task threads per worker")
     parser.add_argument("--visibility-timeout", type=int, default=10)

@@ -27,6 +27,7 @@ def test_short_chaos_run_loses_no_client_job_and_nothing_but_raw_deliveries_to_k
     report_path = tmp_path / "chaos.json"
     done = subprocess.run([sys.executable, "-m", "bench.chaos", "--jobs", "300", "--kills", "3",
                            "--redis-restarts", "1", "--workers", "2", "--seed", "7", "--rate", "50",
+                           "--consumers", "2", "--kill", "worker,consumer,device",
                            "--registry", str(demo_registry), "--json", str(report_path)],
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     tail = (done.stdout + done.stderr)[-6000:]
@@ -36,14 +37,16 @@ def test_short_chaos_run_loses_no_client_job_and_nothing_but_raw_deliveries_to_k
     assert report["submitted"] == 300, tail
     assert sum("SIGKILLed" in event for event in report["events"]) == 3
     assert report["workers_sigkilled"] == 3
+    # One kill of each: a whole worker group, one consumer process, one device process.
+    assert report["kills_by_target"] == {"worker": 1, "consumer": 1, "device": 1}, report["events"]
     assert sum("Redis restarted" in event for event in report["events"]) == 1
     # Nothing submitted through FleetClient is lost: a message a killed worker took with it is
     # sent again by the delivery sweeper. Raw messages (the invalid payloads, sent with plain
     # Celery) have no such record: one may be lost only where the AOF shows it popped by a worker's
-    # BRPOP and never recorded in kombu's unacked hash, at most one per kill.
+    # BRPOP and never recorded in kombu's unacked hash, at most one per consumer process killed.
     assert report["lost_via_client"] == 0, tail
     assert report["lost_other"] == 0, tail
-    assert report["lost_in_delivery"] <= 3, tail
+    assert report["lost_in_delivery"] <= report["consumers_killed"] == 5, tail
     assert report["lost"] == report["lost_in_delivery"] + report["lost_other"], tail
     assert report["wrong"] == 0, tail
     assert report["failed_unexpectedly"] == 0 and report["dead_lettered"] == 0, tail

@@ -103,8 +103,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     workdir = Path(tempfile.mkdtemp(prefix="fleet-profile-"))
     server = RedisServer().start()
-    env = {**os.environ, "REDIS_URL": server.url, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(filter(None, [str(args.repo), os.environ.get("PYTHONPATH")])),
-           "FLEET_LOG_LEVEL": "WARNING", "FLEET_CONCURRENCY": str(args.concurrency)}
+    env = {**os.environ, "REDIS_URL": server.url, "HF_HUB_OFFLINE": "1", "FLEET_LOG_LEVEL": "WARNING",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(args.repo), os.environ.get("PYTHONPATH")])),
+           "FLEET_CONCURRENCY": str(args.concurrency)}
     log = (workdir / "worker.log").open("w")
     worker = subprocess.Popen([sys.executable, "-m", args.module, "worker", "--device", "cpu", "--models", "minilm"],
                               cwd=args.repo, env=env, stdout=log, stderr=subprocess.STDOUT)

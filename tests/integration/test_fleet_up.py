@@ -46,8 +46,10 @@ def test_fleet_up_serves_all_kinds_restarts_crashes_and_stops(fleet_up, redis_cl
         handles.append(client.generate(f"Story {i}:", model="tiny-llama", max_new_tokens=48))
     results = [h.result(timeout=120) for h in handles]
     assert all(r.device == "cpu" for r in results)
-    done = {b["name"]: b["jobs_done"] for b in ready_workers(redis_client)}
-    assert len(done) == 2 and all(count > 0 for count in done.values()), done
+    # Heartbeats carry the counts, written every 0.5 s: wait until they have caught up with the results.
+    done = wait_for(lambda: (lambda d: d if len(d) == 2 and sum(d.values()) >= len(handles) else None)(
+        {b["name"]: b["jobs_done"] for b in ready_workers(redis_client)}), 30, "heartbeats counting every job")
+    assert all(count > 0 for count in done.values()), done
 
     victim = workers[0]
     os.kill(victim["pid"], signal.SIGKILL)

@@ -139,16 +139,22 @@ def test_a_sigkilled_device_process_stops_its_group_and_every_job_gets_one_resul
         first = wait_for(lambda: (lambda b: b if b and b.get("ready") else None)(heartbeat(client, "fleet-cpu0")),
                          240, "a ready worker")
         with FleetClient(own_redis.url) as fleet:
-            handles = fleet.submit_many(ModelKind.EMBED, embed_jobs(150, "device kill"))
+            # Enough jobs that many are still queued or computing when the kill lands (the heartbeat's
+            # count lags by up to one interval).
+            handles = fleet.submit_many(ModelKind.EMBED, embed_jobs(600, "device kill"))
             wait_for(lambda: heartbeat(client, "fleet-cpu0")["jobs_done"] >= 10, 60, "some jobs done")
             os.kill(first["device_process"]["pid"], signal.SIGKILL)
+            assert sum(client.exists(f"celery-task-meta-{h.id}") for h in handles) < len(handles)
             results = fleet.gather(handles, timeout=300)
         assert all(result.dim == 384 for result in results), "a job failed or was lost"
         statuses = [json.loads(client.get(f"celery-task-meta-{h.id}"))["status"] for h in handles]
         assert statuses == ["SUCCESS"] * len(handles)
-        log = (tmp_path / "up.log").read_text()
-        assert "the device process died" in log and "exited with code 75" in log  # DEVICE_LOST; up restarted it
-        again = heartbeat(client, "fleet-cpu0")
+        # DEVICE_LOST (75) and a restart by fleet up; the jobs may finish on the new group before
+        # fleet up has written its line, so wait for the lines rather than read the log once.
+        wait_for(lambda: "the device process died" in (log := (tmp_path / "up.log").read_text())
+                 and "exited with code 75" in log, 60, "the device loss and the restart in the log")
+        again = wait_for(lambda: (lambda b: b if b and b.get("ready") else None)(heartbeat(client, "fleet-cpu0")),
+                         60, "the restarted worker ready")
         assert again["device_process"]["pid"] != first["device_process"]["pid"]
         # Handed back, not charged: at most one job can have been alone in the batch that was computing.
         assert len(crash_charges(client, [h.id for h in handles])) <= 1

@@ -18,8 +18,11 @@ from workers.process.launch import fleet_command as fleet_executable
 __all__ = ["REPO_ROOT", "WorkerProcess", "fleet_executable", "redis_server_available", "run_fleet", "wait_for"]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-#: What every test worker runs with: INFO logs (tests read them), no hub, one torch thread (two shared cores).
-TEST_WORKER_ENV = {"FLEET_LOG_LEVEL": "INFO", "HF_HUB_OFFLINE": "1", "FLEET_TORCH_THREADS": "1"}
+#: What every test worker runs with: INFO logs (tests read them), no hub, one torch thread (two shared
+#: cores), and the repository root importable (test-only models: ``impl = "tests.support...."``; the
+#: ``fleet`` console script does not put the working directory on ``sys.path``).
+TEST_WORKER_ENV = {"FLEET_LOG_LEVEL": "INFO", "HF_HUB_OFFLINE": "1", "FLEET_TORCH_THREADS": "1",
+                   "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
 
 
 class WorkerProcess(LaunchedWorker):

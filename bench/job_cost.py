@@ -62,6 +62,24 @@ def start_worker(redis_url: str, workdir: Path, args: list[str]) -> tuple[subpro
     return process, started
 
 
+def stop_worker(process: subprocess.Popen, timeout_s: float = 120.0) -> None:
+    """SIGTERM the worker (it drains), SIGKILL it if it has not exited within ``timeout_s``."""
+    process.terminate()
+    try:
+        process.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def print_report(report: dict, out: str | None) -> None:
+    """Print ``report`` as JSON, and write it to ``out`` when given."""
+    text = json.dumps(report, indent=1)
+    print(text)
+    if out:
+        Path(out).write_text(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.job_cost", description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=500, help="sequential single-sentence jobs (default 500)")
@@ -119,16 +137,9 @@ def main(argv: list[str] | None = None) -> int:
                 report["rss_mib_after_soak"] = {"jobs": done + args.jobs + 21, **_rss_mib(tree)}
     finally:
         meter.close()
-        process.terminate()
-        try:
-            process.wait(60)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        stop_worker(process)
         server.stop()
-    text = json.dumps(report, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    print_report(report, args.out)
     return 0
 
 

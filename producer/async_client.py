@@ -30,25 +30,10 @@ from producer.async_model_control import AsyncModelControl
 from producer.celery_config import PRIORITY_DEFAULT
 from producer.contract import GenerateResult, JobStatus, ModelKind, TrainProgress
 from producer.contract.inference import EmbedEncoding
+from producer.core import requests as core_requests
+from producer.core import results as core_results
 from producer.core.jobs import connection_name, new_client_prefix, result_key
 from producer.core.options import SubmitOptions, parse_options
-from producer.core.requests import (
-    TRAIN_KIND,
-    build_many,
-    build_request,
-    check_kind,
-    classify_fields,
-    embed_fields,
-    train_fields,
-)
-from producer.core.results import (
-    REASON_CANCELLED,
-    REASON_EXPIRED,
-    decode_meta,
-    progress_of,
-    status_of,
-    unstarted_marker,
-)
 from producer.core.router import ResultRouter
 from producer.core.waits import RECORD_FIELDS, JobInfo, StreamCursor, Wait, ordered_outcomes, raise_or_return
 from producer.errors import FleetRedisError
@@ -109,7 +94,8 @@ class AsyncJobHandle:
 
     async def progress(self) -> TrainProgress | None:
         """The latest progress a running training job reported, or None (not started, or not training)."""
-        return progress_of(decode_meta(await self._client._command(self._client._redis.get, result_key(self.id))))
+        stored = await self._client._command(self._client._redis.get, result_key(self.id))
+        return core_results.progress_of(core_results.decode_meta(stored))
 
     async def stream(self, timeout: float | None = 60.0) -> AsyncIterator[str]:
         """Yield generated text pieces as the worker produces them (``generate(..., stream=True)``).
@@ -189,15 +175,15 @@ class AsyncFleetClient:
                     encoding: EmbedEncoding = "float", priority: int = PRIORITY_DEFAULT,
                     **options: Any) -> AsyncJobHandle:
         """Submit an embedding job for ``texts`` (as ``FleetClient.embed``)."""
-        return await self._submit_one(ModelKind.EMBED.value, embed_fields(texts, model, normalize, encoding),
-                                      {"priority": priority, **options})
+        fields = core_requests.embed_fields(texts, model, normalize, encoding)
+        return await self._submit_one(ModelKind.EMBED.value, fields, {"priority": priority, **options})
 
     async def classify(self, texts: Sequence[str] | None = None, model: str | None = None, *,
                        inputs: Sequence[Sequence[float]] | None = None, top_k: int = 1,
                        priority: int = PRIORITY_DEFAULT, **options: Any) -> AsyncJobHandle:
         """Submit a classification job for ``texts`` or ``inputs`` (as ``FleetClient.classify``)."""
-        return await self._submit_one(ModelKind.CLASSIFY.value, classify_fields(texts, model, inputs, top_k),
-                                      {"priority": priority, **options})
+        fields = core_requests.classify_fields(texts, model, inputs, top_k)
+        return await self._submit_one(ModelKind.CLASSIFY.value, fields, {"priority": priority, **options})
 
     async def generate(self, prompt: str, model: str, *, priority: int = PRIORITY_DEFAULT,
                        **fields: Any) -> AsyncJobHandle:
@@ -207,21 +193,21 @@ class AsyncFleetClient:
 
     async def train(self, kind: str, dataset: str | None = None, **fields: Any) -> AsyncJobHandle:
         """Submit a training job (as ``FleetClient.train``)."""
-        return await self._submit_one(TRAIN_KIND, train_fields(kind, dataset), fields)
+        return await self._submit_one(core_requests.TRAIN_KIND, core_requests.train_fields(kind, dataset), fields)
 
     async def embed_many(self, texts_per_job: Iterable[Sequence[str]], model: str = "minilm", *,
                          normalize: bool = True, encoding: EmbedEncoding = "float", priority: int = PRIORITY_DEFAULT,
                          **options: Any) -> list[AsyncJobHandle]:
         """Submit one embedding job per entry of ``texts_per_job``; handles in order (as ``FleetClient``)."""
-        requests = build_many(ModelKind.EMBED.value, texts_per_job,
-                              lambda texts: embed_fields(texts, model, normalize, encoding))
+        requests = core_requests.build_many(ModelKind.EMBED.value, texts_per_job,
+                                            lambda texts: core_requests.embed_fields(texts, model, normalize, encoding))
         return await self.submit_many(ModelKind.EMBED, requests, priority=priority, **options)
 
     async def submit_many(self, kind: ModelKind | str, requests: Sequence[BaseModel | dict[str, Any]], *,
                           priority: int = PRIORITY_DEFAULT, **options: Any) -> list[AsyncJobHandle]:
         """Submit many jobs of one kind in pipelined batches; handles in order (as ``FleetClient.submit_many``)."""
-        kind = check_kind(kind)
-        checked = build_many(kind, requests)
+        kind = core_requests.check_kind(kind)
+        checked = core_requests.build_many(kind, requests)
         return await self._publish(kind, checked, parse_options({"priority": priority, **options}, bulk=True))
 
     def job(self, job_id: str) -> AsyncJobHandle:
@@ -235,7 +221,7 @@ class AsyncFleetClient:
         return self._models
 
     async def _submit_one(self, kind: str, fields: dict[str, Any], extra: dict[str, Any]) -> AsyncJobHandle:
-        request, options = build_request(kind, fields, extra)
+        request, options = core_requests.build_request(kind, fields, extra)
         return (await self._publish(kind, [request], options))[0]
 
     async def _publish(self, kind: str, requests: list[BaseModel], options: SubmitOptions) -> list[AsyncJobHandle]:
@@ -275,7 +261,7 @@ class AsyncFleetClient:
                     yield item
                 for job_id in step.settle:
                     marker = await self._within(wait.left(time.monotonic()), None, self._expire_in_wait(job_id))
-                    wait.accept(job_id, decode_meta(marker))
+                    wait.accept(job_id, core_results.decode_meta(marker))
                 wait.accept_read(await self._within(wait.left(time.monotonic()), [], self._read_results(step.read)))
                 if step.done:
                     break
@@ -333,12 +319,13 @@ class AsyncFleetClient:
     async def _finished(self, job_id: str) -> bool:
         """Whether a final result is stored for the job (False when Redis does not answer)."""
         pairs = await self._read_results([job_id])
-        return any(meta is not None and meta.ready for meta in (decode_meta(payload) for _, payload in pairs))
+        metas = (core_results.decode_meta(payload) for _, payload in pairs)
+        return any(meta is not None and meta.ready for meta in metas)
 
     async def _expire_in_wait(self, job_id: str) -> bytes | None:
         """``_settle`` a job whose deadline passed while someone waits for it; None when Redis does not answer."""
         try:
-            return await self._settle(job_id, REASON_EXPIRED)
+            return await self._settle(job_id, core_results.REASON_EXPIRED)
         except FleetRedisError:
             return None
 
@@ -350,19 +337,19 @@ class AsyncFleetClient:
         info = JobInfo.from_record(record)
         if handle._info is None:
             handle._info = info
-        meta = decode_meta(raw)
+        meta = core_results.decode_meta(raw)
         if meta is None and info.expires_at is not None and time.time() >= info.expires_at:
-            meta = decode_meta(await self._settle(handle.id, REASON_EXPIRED))
-        return status_of(meta, has_record=info.kind is not None)
+            meta = core_results.decode_meta(await self._settle(handle.id, core_results.REASON_EXPIRED))
+        return core_results.status_of(meta, has_record=info.kind is not None)
 
     async def _settle(self, job_id: str, reason: str) -> bytes | None:
-        call_keys, args = settle_call(job_id, unstarted_marker(job_id, reason, time.time()),
+        call_keys, args = settle_call(job_id, core_results.unstarted_marker(job_id, reason, time.time()),
                                       self.settings.result_expires_s, reason)
         return await self._command(self._settle_script, keys=call_keys, args=args)
 
     async def _cancel(self, handle: AsyncJobHandle) -> None:
         await self._command(self._redis.set, keys.cancel_flag(handle.id), "1", ex=self.settings.result_expires_s)
-        await self._settle(handle.id, REASON_CANCELLED)
+        await self._settle(handle.id, core_results.REASON_CANCELLED)
         await self._in_publisher_thread(self._publisher.app.control.revoke, handle.id)
 
     async def _pop_reply(self, key: str, timeout: float) -> Any:

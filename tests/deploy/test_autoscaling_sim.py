@@ -13,28 +13,21 @@ CPU pods; GPU_JOBS_PER_S below, the one-worker saturated rate measured on an H10
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 import random
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.support.script_modules import load_script
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
-
-sim = _load("fleet_bench_autoscale_sim", ROOT / "bench" / "autoscale_sim.py")
-render = _load("fleet_infra_k8s_render", ROOT / "infra" / "k8s" / "render.py")
+sim = load_script("fleet_bench_autoscale_sim", ROOT / "bench" / "autoscale_sim.py")
+render = load_script("fleet_infra_k8s_render", ROOT / "infra" / "k8s" / "render.py")
 
 #: Per-replica throughput of one GPU worker: 142 single-text jobs/s saturated, measured on an
 #: H100 (docs/BENCHMARKS.md); bound by the per-job path, so the same for minilm as for BERT-base.

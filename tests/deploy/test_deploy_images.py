@@ -8,13 +8,15 @@ machine, so the image is not built here; docs/DEPLOY.md says what that leaves un
 
 from __future__ import annotations
 
-import os
 import tomllib
 from pathlib import Path
 
 import pytest
 
+from tests.support.script_modules import require_test_dependency
+
 ROOT = Path(__file__).resolve().parents[2]
+
 DOCKERFILE = ROOT / "infra" / "docker" / "Dockerfile"
 CONSTRAINTS = ROOT / "infra" / "docker" / "constraints.txt"
 #: Extras the image installs; the others (dev, demo...) stay out of the production image.
@@ -22,13 +24,9 @@ IMAGE_EXTRAS = ("worker", "training", "otel", "dashboard")
 
 
 def parse(path: Path):
-    try:
-        import dockerfile
-    except ImportError:
-        message = "dockerfile not installed: pip install dockerfile==3.4.0"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+    require_test_dependency("dockerfile", "pip install dockerfile==3.4.0")
+    import dockerfile
+
     return dockerfile.parse_file(str(path))
 
 

@@ -18,11 +18,9 @@ Nothing here needs a cluster, Docker or the network.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
-import sys
 import tomllib
 import urllib.parse
 from pathlib import Path
@@ -32,6 +30,8 @@ import jsonschema
 import pytest
 import yaml
 
+from tests.support.script_modules import load_script, require_test_dependency
+
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "infra" / "k8s"
 CRDS = K8S / "schemas" / "crds"
@@ -40,25 +40,12 @@ KUBE_VERSIONS = ["1.30.0", "latest"]
 DRAIN_MARGIN_S = 30
 
 
-def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
-
-render = _load("fleet_infra_k8s_render", K8S / "render.py")
+render = load_script("fleet_infra_k8s_render", K8S / "render.py")
 
 
 def _need_pykustomize() -> None:
-    try:
-        import pykustomize  # noqa: F401 - only: is it installed?
-    except ImportError:
-        message = "pykustomize not installed: pip install --ignore-requires-python pykustomize==0.1.4"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+    require_test_dependency("pykustomize", "pip install --ignore-requires-python pykustomize==0.1.4")
 
 
 @pytest.fixture(scope="module")
@@ -233,7 +220,7 @@ def _strict(node: Any) -> Any:
 
 def crd_validator(crd_file: str) -> jsonschema.Draft7Validator:
     """A validator from a vendored CRD's stored version (its openAPIV3Schema)."""
-    crd = yaml.safe_load((CRDS / crd_file).read_text())
+    crd = yaml.safeload_script((CRDS / crd_file).read_text())
     version = next(v for v in crd["spec"]["versions"] if v.get("storage"))
     schema = _strict(version["schema"]["openAPIV3Schema"])
     jsonschema.Draft7Validator.check_schema(schema)
@@ -705,7 +692,7 @@ def test_otel_collector_is_wired(rendered):
     container = pod_spec(dep)["containers"][0]
     volume = next(v for v in pod_spec(dep)["volumes"] if v["name"] == "config")
     cm = render.one(resources, "ConfigMap", volume["configMap"]["name"])
-    config = yaml.safe_load(cm["data"]["collector.yaml"])
+    config = yaml.safeload_script(cm["data"]["collector.yaml"])
     assert "--config=/etc/otelcol/collector.yaml" in container["args"]
     assert set(config["receivers"]["otlp"]["protocols"]) == {"grpc", "http"}
     service_ports = {p["port"] for p in render.one(resources, "Service", "fleet-otel-collector")["spec"]["ports"]}

@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     meter = RedisMeter(server.url)
     try:
         with FleetClient(server.url) as client:
-            first = client.embed([SENTENCE], model=args.model)
+            first = client.embed([SENTENCE], model=args.model, wait_for_worker=True)  # before the worker is up
             first.result(timeout=300)
             report["start_to_first_job_s"] = round(time.perf_counter() - started, 3)
             for _ in range(20):  # warm-up

@@ -23,10 +23,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.job_cost import SENTENCE, print_report, start_worker, stop_worker
+from bench.job_cost import SENTENCE, print_report
 from bench.provenance import commit
 from producer import FleetClient
 from workers.process.embedded_redis import RedisServer
+from workers.process.launch import LaunchedWorker
 from workers.serving.models.demo_models import init_demo
 
 
@@ -57,15 +58,17 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="fleet-embed-beside-"))
     registry = init_demo(workdir / "models")
     server = RedisServer().start()
-    process, _ = start_worker(server.url, workdir, ["--device", "cpu", "--models", "minilm,tiny-llama",
-                                                    "--registry", str(registry)])
+    worker = LaunchedWorker(server.url, "--device", "cpu", "--models", "minilm,tiny-llama", "--registry",
+                            str(registry), name="bench-embed-beside",
+                            env={"HF_HUB_OFFLINE": "1", "FLEET_LOG_LEVEL": "WARNING"})
     report: dict = {"command": "python -m bench.embed_beside_generation "
                     + " ".join(argv if argv is not None else sys.argv[1:]),
                     "commit": commit(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     try:
+        worker.wait_ready()
         with FleetClient(server.url) as fleet:
-            fleet.embed([SENTENCE], model="minilm", wait_for_worker=True).result(timeout=300)
-            fleet.generate("Warm up", model="tiny-llama", max_new_tokens=8, wait_for_worker=True).result(timeout=300)
+            fleet.embed([SENTENCE], model="minilm").result(timeout=60)  # first-call costs, outside the figures
+            fleet.generate("Warm up", model="tiny-llama", max_new_tokens=8).result(timeout=60)
             report["idle"] = summary(embed_latencies_ms(fleet, args.embeds))
             generating = [fleet.generate(f"Once upon a time {i}", model="tiny-llama", max_new_tokens=args.new_tokens)
                           for i in range(args.generate_jobs)]
@@ -77,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
             for handle in generating:
                 handle.cancel()
     finally:
-        stop_worker(process)
+        worker.stop(timeout_s=120)
         server.stop()
     print_report(report, args.out)
     return 0

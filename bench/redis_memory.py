@@ -18,17 +18,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import redis
 
-from bench.job_cost import SENTENCE, print_report, start_worker, stop_worker
+from bench.job_cost import SENTENCE, print_report
 from bench.provenance import commit
 from producer import FleetClient
 from producer.contract import EmbedRequest, ModelKind
 from workers.process.embedded_redis import RedisServer
+from workers.process.launch import LaunchedWorker
 
 #: name -> (texts per job, result encoding)
 CASES = {"1 text, float results": (1, "float"), "1 text, base64 results": (1, "base64"),
@@ -65,19 +64,19 @@ def main(argv: list[str] | None = None) -> int:
 
     server = RedisServer().start()
     client = redis.Redis.from_url(server.url)
-    process, _ = start_worker(server.url, Path(tempfile.mkdtemp(prefix="fleet-redis-memory-")),
-                              ["--device", "cpu", "--models", "minilm"])
+    worker = LaunchedWorker(server.url, "--device", "cpu", "--models", "minilm", name="bench-redis-memory",
+                            env={"HF_HUB_OFFLINE": "1", "FLEET_LOG_LEVEL": "WARNING"})
     report: dict = {"command": "python -m bench.redis_memory " + " ".join(argv if argv is not None else sys.argv[1:]),
                     "commit": commit(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                     "redis_version": client.info("server")["redis_version"], "cases": {}}
     try:
+        worker.wait_ready()
         with FleetClient(server.url) as fleet:
-            fleet.embed([SENTENCE], model="minilm", wait_for_worker=True).result(timeout=300)  # worker ready
             for name, (texts, encoding) in CASES.items():
                 report["cases"][name] = measure(fleet, client, texts, encoding, args.jobs)
                 print(name, json.dumps(report["cases"][name]), flush=True)
     finally:
-        stop_worker(process)
+        worker.stop(timeout_s=120)
         server.stop()
     print_report(report, args.out)
     return 0

@@ -220,7 +220,7 @@ def _strict(node: Any) -> Any:
 
 def crd_validator(crd_file: str) -> jsonschema.Draft7Validator:
     """A validator from a vendored CRD's stored version (its openAPIV3Schema)."""
-    crd = yaml.safeload_script((CRDS / crd_file).read_text())
+    crd = yaml.safe_load((CRDS / crd_file).read_text())
     version = next(v for v in crd["spec"]["versions"] if v.get("storage"))
     schema = _strict(version["schema"]["openAPIV3Schema"])
     jsonschema.Draft7Validator.check_schema(schema)
@@ -692,7 +692,7 @@ def test_otel_collector_is_wired(rendered):
     container = pod_spec(dep)["containers"][0]
     volume = next(v for v in pod_spec(dep)["volumes"] if v["name"] == "config")
     cm = render.one(resources, "ConfigMap", volume["configMap"]["name"])
-    config = yaml.safeload_script(cm["data"]["collector.yaml"])
+    config = yaml.safe_load(cm["data"]["collector.yaml"])
     assert "--config=/etc/otelcol/collector.yaml" in container["args"]
     assert set(config["receivers"]["otlp"]["protocols"]) == {"grpc", "http"}
     service_ports = {p["port"] for p in render.one(resources, "Service", "fleet-otel-collector")["spec"]["ports"]}

@@ -14,7 +14,8 @@ user does) and measures:
   together, by command), redis-server CPU per job, the worker's CPU per job (device process and
   consumers summed) and the client's own CPU per job;
 * **memory**: resident memory of every worker process after warm-up and after the jobs
-  (``--soak-jobs`` more, submitted in pipelined bulk, to check that it stays flat).
+  (``--soak-jobs`` more, submitted in pipelined bulk, sampled ten times along the way, to tell
+  growth that levels off from growth that does not).
 
 Prints one JSON document (``--out`` writes it too). No test asserts these figures.
 """
@@ -128,13 +129,16 @@ def main(argv: list[str] | None = None) -> int:
                 "client_cpu_ms_per_job": round(1000 * (client1 - client0) / args.jobs, 3)}
             report["rss_mib_after_jobs"] = _rss_mib(tree)
             if args.soak_jobs:
-                done, chunk = 0, 500
+                done, chunk, every = 0, 500, max(500, args.soak_jobs // 10)
+                report["rss_mib_during_soak"] = []
                 while done < args.soak_jobs:
                     batch = [EmbedRequest(texts=[f"{SENTENCE} [{done + i}]"], model=args.model)
                              for i in range(min(chunk, args.soak_jobs - done))]
                     client.gather(client.submit_many(ModelKind.EMBED, batch), timeout=600)
                     done += len(batch)
-                report["rss_mib_after_soak"] = {"jobs": done + args.jobs + 21, **_rss_mib(tree)}
+                    if done % every < chunk or done == args.soak_jobs:
+                        report["rss_mib_during_soak"].append({"jobs": done + args.jobs + 21, **_rss_mib(tree)})
+                report["rss_mib_after_soak"] = report["rss_mib_during_soak"][-1]
     finally:
         meter.close()
         stop_worker(process)

@@ -18,18 +18,32 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture()
-def fleet_up(redis_url, demo_registry, tmp_path):
-    log = (tmp_path / "up.log").open("w")
-    env = {**os.environ, "REDIS_URL": redis_url, "FLEET_TORCH_THREADS": "1", "FLEET_CONCURRENCY": "8",
-           "HF_HUB_OFFLINE": "1", "FLEET_HEARTBEAT_INTERVAL_S": "0.5"}
-    process = subprocess.Popen([*fleet_executable(), "up", "--devices", "cpu:2", "--registry", str(demo_registry),
-                                "--models", "minilm,topics,tiny-llama"], env=env, cwd=REPO_ROOT,
-                               stdout=log, stderr=subprocess.STDOUT)
+def up_redis(private_redis):
+    """The test's own Redis: no session worker may take the jobs that ``fleet up``'s workers must count."""
+    return private_redis.url
+
+
+@pytest.fixture()
+def redis_client(up_redis):
+    client = redis.Redis.from_url(up_redis)
+    yield client
+    client.close()
+
+
+@pytest.fixture()
+def client(up_redis):
+    with FleetClient(up_redis) as fleet_client:
+        yield fleet_client
+
+
+@pytest.fixture()
+def fleet_up(up_redis, demo_registry, tmp_path):
+    process = start_fleet_up(up_redis, tmp_path / "up.log", "--devices", "cpu:2", "--registry", str(demo_registry),
+                             "--models", "minilm,topics,tiny-llama")
     yield process
     if process.poll() is None:
         process.kill()
         process.wait()
-    log.close()
 
 
 def ready_workers(client: redis.Redis) -> list[dict]:

@@ -24,10 +24,9 @@ import time
 from pathlib import Path
 
 from bench.job_cost import SENTENCE, print_report
+from bench.private_fleet import worker_on_private_redis
 from bench.provenance import commit
 from producer import FleetClient
-from workers.process.embedded_redis import RedisServer
-from workers.process.launch import LaunchedWorker
 from workers.serving.models.demo_models import init_demo
 
 
@@ -57,31 +56,23 @@ def main(argv: list[str] | None = None) -> int:
 
     workdir = Path(tempfile.mkdtemp(prefix="fleet-embed-beside-"))
     registry = init_demo(workdir / "models")
-    server = RedisServer().start()
-    worker = LaunchedWorker(server.url, "--device", "cpu", "--models", "minilm,tiny-llama", "--registry",
-                            str(registry), name="bench-embed-beside",
-                            env={"HF_HUB_OFFLINE": "1", "FLEET_LOG_LEVEL": "WARNING"})
     report: dict = {"command": "python -m bench.embed_beside_generation "
                     + " ".join(argv if argv is not None else sys.argv[1:]),
                     "commit": commit(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    try:
-        worker.wait_ready()
-        with FleetClient(server.url) as fleet:
-            fleet.embed([SENTENCE], model="minilm").result(timeout=60)  # first-call costs, outside the figures
-            fleet.generate("Warm up", model="tiny-llama", max_new_tokens=8).result(timeout=60)
-            report["idle"] = summary(embed_latencies_ms(fleet, args.embeds))
-            generating = [fleet.generate(f"Once upon a time {i}", model="tiny-llama", max_new_tokens=args.new_tokens)
-                          for i in range(args.generate_jobs)]
-            beside = embed_latencies_ms(fleet, args.embeds)
-            report["with_generate_jobs_queued"] = {**summary(beside), "generate_jobs": args.generate_jobs,
-                                                   "generate_jobs_finished_meanwhile":
-                                                       sum(handle.status().finished for handle in generating)}
-            report["p50_ratio"] = round(report["with_generate_jobs_queued"]["p50_ms"] / report["idle"]["p50_ms"], 2)
-            for handle in generating:
-                handle.cancel()
-    finally:
-        worker.stop(timeout_s=120)
-        server.stop()
+    with worker_on_private_redis("--device", "cpu", "--models", "minilm,tiny-llama", "--registry", str(registry),
+                                 name="bench-embed-beside") as url, FleetClient(url) as fleet:
+        fleet.embed([SENTENCE], model="minilm").result(timeout=60)  # first-call costs, outside the figures
+        fleet.generate("Warm up", model="tiny-llama", max_new_tokens=8).result(timeout=60)
+        report["idle"] = summary(embed_latencies_ms(fleet, args.embeds))
+        generating = [fleet.generate(f"Once upon a time {i}", model="tiny-llama", max_new_tokens=args.new_tokens)
+                      for i in range(args.generate_jobs)]
+        beside = embed_latencies_ms(fleet, args.embeds)
+        report["with_generate_jobs_queued"] = {**summary(beside), "generate_jobs": args.generate_jobs,
+                                               "generate_jobs_finished_meanwhile":
+                                                   sum(handle.status().finished for handle in generating)}
+        report["p50_ratio"] = round(report["with_generate_jobs_queued"]["p50_ms"] / report["idle"]["p50_ms"], 2)
+        for handle in generating:
+            handle.cancel()
     print_report(report, args.out)
     return 0
 

@@ -23,11 +23,10 @@ import time
 import redis
 
 from bench.job_cost import SENTENCE, print_report
+from bench.private_fleet import worker_on_private_redis
 from bench.provenance import commit
 from producer import FleetClient
 from producer.contract import EmbedRequest, ModelKind
-from workers.process.embedded_redis import RedisServer
-from workers.process.launch import LaunchedWorker
 
 #: name -> (texts per job, result encoding)
 CASES = {"1 text, float results": (1, "float"), "1 text, base64 results": (1, "base64"),
@@ -62,22 +61,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
 
-    server = RedisServer().start()
-    client = redis.Redis.from_url(server.url)
-    worker = LaunchedWorker(server.url, "--device", "cpu", "--models", "minilm", name="bench-redis-memory",
-                            env={"HF_HUB_OFFLINE": "1", "FLEET_LOG_LEVEL": "WARNING"})
-    report: dict = {"command": "python -m bench.redis_memory " + " ".join(argv if argv is not None else sys.argv[1:]),
-                    "commit": commit(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                    "redis_version": client.info("server")["redis_version"], "cases": {}}
-    try:
-        worker.wait_ready()
-        with FleetClient(server.url) as fleet:
+    with worker_on_private_redis("--device", "cpu", "--models", "minilm", name="bench-redis-memory") as url:
+        client = redis.Redis.from_url(url)
+        report: dict = {"command": "python -m bench.redis_memory "
+                        + " ".join(argv if argv is not None else sys.argv[1:]),
+                        "commit": commit(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                        "redis_version": client.info("server")["redis_version"], "cases": {}}
+        with FleetClient(url) as fleet:
             for name, (texts, encoding) in CASES.items():
                 report["cases"][name] = measure(fleet, client, texts, encoding, args.jobs)
                 print(name, json.dumps(report["cases"][name]), flush=True)
-    finally:
-        worker.stop(timeout_s=120)
-        server.stop()
     print_report(report, args.out)
     return 0
 

@@ -18,27 +18,15 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture()
-def up_redis(private_redis):
-    """The test's own Redis: no session worker may take the jobs that ``fleet up``'s workers must count."""
+def redis_url(private_redis):
+    """The test's own Redis (overriding the session's, which the conftest's ``redis_client`` and ``client``
+    then use): no session worker may take the jobs that ``fleet up``'s workers must count."""
     return private_redis.url
 
 
 @pytest.fixture()
-def redis_client(up_redis):
-    client = redis.Redis.from_url(up_redis)
-    yield client
-    client.close()
-
-
-@pytest.fixture()
-def client(up_redis):
-    with FleetClient(up_redis) as fleet_client:
-        yield fleet_client
-
-
-@pytest.fixture()
-def fleet_up(up_redis, demo_registry, tmp_path):
-    process = start_fleet_up(up_redis, tmp_path / "up.log", "--devices", "cpu:2", "--registry", str(demo_registry),
+def fleet_up(redis_url, demo_registry, tmp_path):
+    process = start_fleet_up(redis_url, tmp_path / "up.log", "--devices", "cpu:2", "--registry", str(demo_registry),
                              "--models", "minilm,topics,tiny-llama")
     yield process
     if process.poll() is None:

@@ -32,10 +32,10 @@ from producer.contract import GenerateResult, JobStatus, ModelKind, TrainProgres
 from producer.contract.inference import EmbedEncoding
 from producer.core import requests as core_requests
 from producer.core import results as core_results
+from producer.core import router as core_router
+from producer.core import waits as core_waits
 from producer.core.jobs import connection_name, new_client_prefix, result_key
 from producer.core.options import SubmitOptions, parse_options
-from producer.core.router import ResultRouter
-from producer.core.waits import RECORD_FIELDS, JobInfo, StreamCursor, Wait, ordered_outcomes, raise_or_return
 from producer.errors import FleetRedisError
 from producer.publishing import Publisher
 from producer.redis_connection import WAIT_SOCKET_TIMEOUT_S, async_redis_client, redis_client, redis_errors
@@ -46,33 +46,17 @@ __all__ = ["AsyncFleetClient", "AsyncJobHandle"]
 
 T = TypeVar("T")
 
-#: How long the client waits for Redis to confirm its result subscription when it first needs it (s).
-SUBSCRIBE_CONFIRM_S = 5.0
 #: The listener task's longest block on its connection (s).
 LISTEN_POLL_S = 1.0
-#: Pause before the listener retries a lost connection (s).
-RECONNECT_PAUSE_S = 0.2
-#: Keys per MGET, channels per SUBSCRIBE.
-CHUNK = 1000
 
 
-class AsyncJobHandle:
-    """A submitted job, followed without blocking the event loop."""
+class AsyncJobHandle(core_waits.HandleBase):
+    """A submitted job, followed without blocking the event loop. ``kind`` is known locally for
+    handles this client submitted; else ``await info()`` reads it."""
 
-    def __init__(self, client: AsyncFleetClient, job_id: str, info: JobInfo | None = None):
-        self._client = client
-        self.id = job_id
-        self._info = info
+    _client: AsyncFleetClient
 
-    def __repr__(self) -> str:
-        return f"AsyncJobHandle(id={self.id!r}, kind={self.kind!r})"
-
-    @property
-    def kind(self) -> str | None:
-        """The job's kind if known locally (always, for handles this client submitted; see ``info``)."""
-        return None if self._info is None else self._info.kind
-
-    async def info(self) -> JobInfo:
+    async def info(self) -> core_waits.JobInfo:
         """What the client knows about the job (read from its job record once, if it was not submitted here)."""
         if self._info is None:
             await self._client._describe([self])
@@ -85,7 +69,7 @@ class AsyncJobHandle:
 
     async def result(self, timeout: float | None = 60.0) -> BaseModel:
         """Wait up to ``timeout`` seconds (None: forever); return the typed result (errors as ``JobHandle.result``)."""
-        return raise_or_return([item async for item in self._client.as_completed([self], timeout)])
+        return core_waits.raise_or_return([item async for item in self._client.as_completed([self], timeout)])
 
     async def cancel(self) -> None:
         """Cancel the job: a queued job never runs (and reports ``CANCELLED`` at once), a running one
@@ -108,7 +92,7 @@ class AsyncJobHandle:
         if not info.streams:
             yield cast(GenerateResult, await self.result(timeout=timeout)).text  # not streaming: the whole text
             return
-        cursor = StreamCursor(self.id, info, timeout, time.monotonic())
+        cursor = core_waits.StreamCursor(self.id, info, timeout, time.monotonic())
         within = self._client._within
         while not cursor.ended:
             entries = await within(cursor.left(time.monotonic()), [], self._client._read_stream(
@@ -143,7 +127,7 @@ class AsyncFleetClient:
                                          client_name=f"{self.name}-wait")
         self._slots = asyncio.Semaphore(slots)
         self._publisher = Publisher(settings, redis_client(settings, client_name=self.name), prefix)
-        self._router = ResultRouter(prefix)
+        self._router = core_router.ResultRouter(prefix)
         self._reads = _BatchedReads(self)
         self._listener = _AsyncListener(self, self._router)
         self._settle_script = self._redis.register_script(SETTLE_UNSTARTED)
@@ -235,14 +219,15 @@ class AsyncFleetClient:
                      return_exceptions: bool = False) -> list[Any]:
         """Wait for all ``handles``; typed results in the same order (errors as in ``FleetClient.gather``)."""
         outcomes = {handle.id: outcome async for handle, outcome in self.as_completed(handles, timeout)}
-        return ordered_outcomes(handles, outcomes, return_exceptions)
+        return core_waits.ordered_outcomes(handles, outcomes, return_exceptions)
 
     async def as_completed(self, handles: Iterable[AsyncJobHandle], timeout: float | None = 60.0
                            ) -> AsyncIterator[tuple[AsyncJobHandle, Any]]:
         """Yield ``(handle, outcome)`` as each job finishes, each exactly once (``JobTimeoutError`` at the end)."""
         handles = list(handles)
         await self._describe([handle for handle in handles if handle._info is None])
-        wait = Wait(handles, {handle.id: handle._info or JobInfo() for handle in handles}, timeout, time.monotonic())
+        infos = {handle.id: handle._info or core_waits.JobInfo() for handle in handles}
+        wait = core_waits.Wait(handles, infos, timeout, time.monotonic())
         inbox: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
 
         def deliver(job_id: str, meta: Any) -> None:
@@ -295,9 +280,9 @@ class AsyncFleetClient:
             return
         pipe = self._redis.pipeline(transaction=False)
         for handle in handles:
-            pipe.hmget(keys.job_record(handle.id), RECORD_FIELDS)
+            pipe.hmget(keys.job_record(handle.id), core_waits.RECORD_FIELDS)
         for handle, values in zip(handles, await self._command(pipe.execute)):
-            handle._info = JobInfo.from_record(values)
+            handle._info = core_waits.JobInfo.from_record(values)
 
     async def _read_results(self, job_ids: list[str]) -> list[tuple[str, bytes | None]]:
         """The stored results of ``job_ids``; none on a Redis error (the wait goes on)."""
@@ -332,9 +317,9 @@ class AsyncFleetClient:
     async def _status(self, handle: AsyncJobHandle) -> JobStatus:
         pipe = self._redis.pipeline(transaction=False)
         pipe.get(result_key(handle.id))
-        pipe.hmget(keys.job_record(handle.id), RECORD_FIELDS)
+        pipe.hmget(keys.job_record(handle.id), core_waits.RECORD_FIELDS)
         raw, record = await self._command(pipe.execute)
-        info = JobInfo.from_record(record)
+        info = core_waits.JobInfo.from_record(record)
         if handle._info is None:
             handle._info = info
         meta = core_results.decode_meta(raw)
@@ -370,7 +355,7 @@ async def _take(inbox: asyncio.Queue[tuple[str, Any]], timeout: float) -> list[t
 
 
 class _BatchedReads:
-    """Result reads asked for in one event-loop turn go out together: one MGET per ``CHUNK`` keys."""
+    """Result reads asked for in one event-loop turn go out together: one MGET per ``KEYS_PER_COMMAND`` keys."""
 
     def __init__(self, client: AsyncFleetClient):
         self._client = client
@@ -404,8 +389,8 @@ class _BatchedReads:
         wanted, self._wanted, self._flush = self._wanted, {}, None
         job_ids = list(wanted)
         try:
-            for start in range(0, len(job_ids), CHUNK):
-                chunk = job_ids[start:start + CHUNK]
+            for start in range(0, len(job_ids), core_router.KEYS_PER_COMMAND):
+                chunk = job_ids[start:start + core_router.KEYS_PER_COMMAND]
                 # bytes or None: Fleet's clients do not decode replies (redis-py types them bytes | str).
                 values: list[Any] = await self._client._command(self._client._redis.mget,
                                                                 [result_key(job_id) for job_id in chunk])
@@ -423,7 +408,7 @@ class _BatchedReads:
 class _AsyncListener:
     """The client's one result subscription, read by one background task that feeds the router."""
 
-    def __init__(self, client: AsyncFleetClient, router: ResultRouter):
+    def __init__(self, client: AsyncFleetClient, router: core_router.ResultRouter):
         self._client = client
         self._router = router
         self._pubsub: Any = None
@@ -438,7 +423,7 @@ class _AsyncListener:
             pubsub = self._client._redis.pubsub()
             try:
                 with redis_errors(self._client.settings.redis_url):
-                    async with asyncio.timeout(SUBSCRIBE_CONFIRM_S):
+                    async with asyncio.timeout(core_router.SUBSCRIBE_CONFIRM_S):
                         await pubsub.psubscribe(self._router.pattern)
                         while (message := await pubsub.get_message(timeout=LISTEN_POLL_S)) is None \
                                 or message["type"] != "psubscribe":
@@ -461,8 +446,8 @@ class _AsyncListener:
             return
         try:
             async with self._lock:
-                for start in range(0, len(job_ids), CHUNK):
-                    channels = [result_key(job_id) for job_id in job_ids[start:start + CHUNK]]
+                for start in range(0, len(job_ids), core_router.KEYS_PER_COMMAND):
+                    channels = [result_key(job_id) for job_id in job_ids[start:start + core_router.KEYS_PER_COMMAND]]
                     await getattr(self._pubsub, command)(*channels)
         except Exception:  # noqa: BLE001 - the connection is being re-established; redis-py subscribes again
             pass
@@ -487,7 +472,7 @@ class _AsyncListener:
                 raise
             except Exception:  # noqa: BLE001 - the connection failed: redis-py reconnects and resubscribes
                 self._router.on_connection_lost()
-                await asyncio.sleep(RECONNECT_PAUSE_S)
+                await asyncio.sleep(core_router.RECONNECT_PAUSE_S)
 
     async def _handle(self, message: dict[str, Any]) -> None:
         kind = message["type"]

@@ -44,8 +44,16 @@ from producer.core.results import (
     status_of,
     unstarted_marker,
 )
-from producer.core.router import ResultRouter
-from producer.core.waits import RECORD_FIELDS, JobInfo, StreamCursor, Wait, ordered_outcomes, raise_or_return
+from producer.core.router import KEYS_PER_COMMAND, RECONNECT_PAUSE_S, SUBSCRIBE_CONFIRM_S, ResultRouter
+from producer.core.waits import (
+    RECORD_FIELDS,
+    HandleBase,
+    JobInfo,
+    StreamCursor,
+    Wait,
+    ordered_outcomes,
+    raise_or_return,
+)
 from producer.errors import FleetRedisError
 from producer.model_control import ModelControl
 from producer.publishing import Publisher
@@ -55,26 +63,14 @@ from producer.settings import FleetSettings, client_settings
 
 __all__ = ["FleetClient", "JobHandle", "validate_request"]
 
-#: How long the client waits for Redis to confirm its result subscription when it first needs it (s).
-SUBSCRIBE_CONFIRM_S = 5.0
 #: The listener thread's longest block on its connection (s), so that ``close`` stops it promptly.
 LISTEN_POLL_S = 0.5
-#: Pause before the listener retries a lost connection (s).
-RECONNECT_PAUSE_S = 0.2
-#: Keys per MGET.
-MGET_CHUNK = 1000
 
 
-class JobHandle:
+class JobHandle(HandleBase):
     """A submitted job. Cheap to create; ``status``, ``progress`` and ``cancel`` ask Redis afresh."""
 
-    def __init__(self, client: FleetClient, job_id: str, info: JobInfo | None = None):
-        self._client = client
-        self.id = job_id
-        self._info = info
-
-    def __repr__(self) -> str:
-        return f"JobHandle(id={self.id!r}, kind={self.kind!r})"
+    _client: FleetClient
 
     @property
     def kind(self) -> str | None:
@@ -326,8 +322,8 @@ class FleetClient:
         """The stored results of ``job_ids`` (MGET in chunks); none on a Redis error (the wait goes on)."""
         pairs: list[tuple[str, Any]] = []
         try:
-            for start in range(0, len(job_ids), MGET_CHUNK):
-                chunk = job_ids[start:start + MGET_CHUNK]
+            for start in range(0, len(job_ids), KEYS_PER_COMMAND):
+                chunk = job_ids[start:start + KEYS_PER_COMMAND]
                 pairs.extend(zip(chunk, self._listener.redis.mget([result_key(job_id) for job_id in chunk])))
         except redis.RedisError:
             pass  # a wait never fails on Redis: it ends at its timeout, and re-reads meanwhile
@@ -447,8 +443,8 @@ class _Listener:
     def _write(self, command: Any, job_ids: list[str]) -> None:
         try:
             with self._write_lock:
-                for start in range(0, len(job_ids), MGET_CHUNK):
-                    command(*(result_key(job_id) for job_id in job_ids[start:start + MGET_CHUNK]))
+                for start in range(0, len(job_ids), KEYS_PER_COMMAND):
+                    command(*(result_key(job_id) for job_id in job_ids[start:start + KEYS_PER_COMMAND]))
         except redis.RedisError:
             pass  # the connection is being re-established; redis-py subscribes again on reconnect
 
@@ -480,7 +476,7 @@ class _Listener:
             self._read(self._router.on_channel_confirmed(message["channel"]))
 
     def _read(self, job_ids: list[str]) -> None:
-        for start in range(0, len(job_ids), MGET_CHUNK):
-            chunk = job_ids[start:start + MGET_CHUNK]
+        for start in range(0, len(job_ids), KEYS_PER_COMMAND):
+            chunk = job_ids[start:start + KEYS_PER_COMMAND]
             values: list[Any] = self.redis.mget([result_key(job_id) for job_id in chunk])
             self._router.on_read(zip(chunk, values))

@@ -63,6 +63,24 @@ class Step:
     pause: float = 0.0
 
 
+class HandleBase:
+    """What both clients' job handles hold: the job id, the client and what it knows of the job
+    (``JobInfo``, None until read from the job record)."""
+
+    def __init__(self, client: Any, job_id: str, info: JobInfo | None = None):
+        self._client = client
+        self.id = job_id
+        self._info = info
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(id={self.id!r}, kind={self.kind!r})"
+
+    @property
+    def kind(self) -> str | None:
+        """The job's kind if known locally."""
+        return None if self._info is None else self._info.kind
+
+
 class Wait:
     """One wait for the outcomes of ``handles`` (objects with ``.id``; duplicates of an id count once)."""
 

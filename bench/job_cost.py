@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,6 +34,7 @@ from pathlib import Path
 from bench.costs import ProcessTreeCPU, RedisMeter
 from producer import FleetClient
 from producer.contract import EmbedRequest, ModelKind
+from workers.process.launch import LaunchedWorker
 
 REPO = Path(__file__).resolve().parent.parent
 SENTENCE = "A man is playing a guitar on stage while the crowd sings along."
@@ -47,30 +47,6 @@ def _own_cpu_s() -> float:
 
 def _rss_mib(tree: ProcessTreeCPU) -> dict[str, float]:
     return {str(pid): round(size / 2**20, 1) for pid, size in tree.rss_bytes().items()}
-
-
-def start_worker(redis_url: str, workdir: Path, args: list[str]) -> tuple[subprocess.Popen, float]:
-    """``fleet worker ...`` as a user starts it; returns the process and its start time (perf_counter)."""
-    env = {**os.environ, "REDIS_URL": redis_url, "HF_HUB_OFFLINE": "1", "FLEET_LOG_LEVEL": "WARNING",
-           "FLEET_HEARTBEAT_INTERVAL_S": "0.5"}
-    env.pop("OTEL_EXPORTER_OTLP_ENDPOINT", None)
-    log = (workdir / "worker.log").open("w")
-    fleet = Path(sys.executable).with_name("fleet")
-    command = [str(fleet)] if fleet.exists() else [sys.executable, "-m", "workers.commands.cli"]
-    started = time.perf_counter()
-    process = subprocess.Popen([*command, "worker", "--name", "bench-cost", *args], env=env, cwd=REPO,
-                               stdout=log, stderr=subprocess.STDOUT)
-    return process, started
-
-
-def stop_worker(process: subprocess.Popen, timeout_s: float = 120.0) -> None:
-    """SIGTERM the worker (it drains), SIGKILL it if it has not exited within ``timeout_s``."""
-    process.terminate()
-    try:
-        process.wait(timeout_s)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
 
 
 def print_report(report: dict, out: str | None) -> None:
@@ -105,8 +81,12 @@ def main(argv: list[str] | None = None) -> int:
     redis_py.Redis.from_url(server.url).hset("fleet:catalog", args.model,
                                              json.dumps({"kind": "embed", "queue": f"fleet.embed.{args.model}"}))
     report: dict = {"command": "python -m bench.job_cost " + " ".join(argv if argv is not None else sys.argv[1:])}
-    process, started = start_worker(server.url, workdir, worker_args)
-    tree = ProcessTreeCPU(process.pid)
+    os.environ.pop("OTEL_EXPORTER_OTLP_ENDPOINT", None)  # the worker runs without telemetry
+    started = time.perf_counter()
+    worker = LaunchedWorker(server.url, *worker_args, name="bench-cost", log_path=workdir / "worker.log", cwd=REPO,
+                            env={"HF_HUB_OFFLINE": "1", "FLEET_LOG_LEVEL": "WARNING",
+                                 "FLEET_HEARTBEAT_INTERVAL_S": "0.5"})
+    tree = ProcessTreeCPU(worker.pid)
     meter = RedisMeter(server.url)
     try:
         with FleetClient(server.url) as client:
@@ -130,18 +110,20 @@ def main(argv: list[str] | None = None) -> int:
             report["rss_mib_after_jobs"] = _rss_mib(tree)
             if args.soak_jobs:
                 done, chunk, every = 0, 500, max(500, args.soak_jobs // 10)
+                next_sample = every
                 report["rss_mib_during_soak"] = []
                 while done < args.soak_jobs:
                     batch = [EmbedRequest(texts=[f"{SENTENCE} [{done + i}]"], model=args.model)
                              for i in range(min(chunk, args.soak_jobs - done))]
                     client.gather(client.submit_many(ModelKind.EMBED, batch), timeout=600)
                     done += len(batch)
-                    if done % every < chunk or done == args.soak_jobs:
+                    if done >= next_sample or done == args.soak_jobs:
                         report["rss_mib_during_soak"].append({"jobs": done + args.jobs + 21, **_rss_mib(tree)})
+                        next_sample += every
                 report["rss_mib_after_soak"] = report["rss_mib_during_soak"][-1]
     finally:
         meter.close()
-        stop_worker(process)
+        worker.stop(timeout_s=120)
         server.stop()
     print_report(report, args.out)
     return 0

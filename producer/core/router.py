@@ -31,13 +31,13 @@ from producer.core.results import ResultMeta, decode_meta
 #: Called by the reader with (job id, finished result) for each job a waiter watches.
 Deliver = Callable[[str, ResultMeta], None]
 
-#: Early results kept at most (count, and bytes of their payloads) before the oldest are dropped.
 #: How long a client waits for Redis to confirm its result subscription when it first needs it (s).
 SUBSCRIBE_CONFIRM_S = 5.0
 #: Pause before a client's reader retries a lost subscription connection (s).
 RECONNECT_PAUSE_S = 0.2
 #: Keys per MGET and channels per SUBSCRIBE of a client's result reads.
 KEYS_PER_COMMAND = 1000
+#: Early results kept at most (count, and bytes of their payloads) before the oldest are dropped.
 EARLY_RESULTS_MAX = 10_000
 EARLY_RESULTS_MAX_BYTES = 64 * 1024 * 1024
 
